@@ -1,0 +1,58 @@
+"""Per-step LoRA metadata, built once per step by the model runner and passed explicitly to every
+LoRA layer (never through module globals).
+
+Layout of the device pool (see lora/pool.py): for each projection `site` in LORA_SITES and each layer,
+`A[site][layer]` is `[pool_rows, in_features]` and `Bt[site][layer]` is `[pool_rows, out_features]`
+(B stored transposed: row j of Bt is column j of PEFT's lora_B). An adapter of rank r owns r rows
+per site (any rows: rank rows are pages, no padding to a maximum rank).
+
+Tokens of the flattened batch that need LoRA are grouped logically into segments: all tokens of a
+segment use the same adapter mix (one adapter, or a weighted composition of several). Tokens of
+base-only requests are listed in no segment, so they get exactly zero LoRA contribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SiteRows:
+    """The pool rows each segment uses at one projection site."""
+
+    row_idx: torch.Tensor  # int64 [R]: pool rows, segment g's rows at row_indptr[g]:row_indptr[g+1]
+    row_indptr: torch.Tensor  # int64 [G+1] (on CPU as well as on the device: see `row_indptr_list`)
+    row_scale: torch.Tensor  # fp32 [R]: weight_i * scaling_i of the adapter that owns the row
+    row_indptr_list: list[int] = field(default_factory=list)  # host copy, for host-side loops
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_idx.numel())
+
+
+@dataclass
+class LoRABatch:
+    """Which tokens get which adapter rows in this step.
+
+    Semantics (for every site, layer): for each segment g, for each token t in
+    token_idx[seg_indptr[g]:seg_indptr[g+1]], with rows R = row_idx[row_indptr[g]:row_indptr[g+1]]
+    and scales S likewise:
+        v[j]   = S[j] * sum_k x[t, k] * A[R[j], k]        (fp32)
+        y[t,:] += sum_j v[j] * Bt[R[j], :]
+    """
+
+    token_idx: torch.Tensor  # int64 [N]: flattened-batch token indices that get LoRA, grouped by segment
+    seg_indptr: torch.Tensor  # int64 [G+1]
+    seg_indptr_list: list[int]  # host copy of seg_indptr
+    sites: dict[str, SiteRows]  # site name -> rows; a site no segment targets is absent
+    num_tokens: int  # tokens in the whole flattened batch (LoRA and base-only)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.seg_indptr_list) - 1
+
+    @property
+    def empty(self) -> bool:
+        return self.num_segments == 0 or not self.sites
