@@ -1,0 +1,225 @@
+"""Token-budget scheduler with no tensors in it (vLLM v1 style).
+
+Each step gives every running request `min(tokens still to compute, budget left)` and then admits
+waiting requests FCFS while budget, sequence slots, KV blocks and adapter slots allow. There are no
+prefill/decode modes: chunked prefill and mixed batches fall out of the budget. When blocks run out a
+running request is preempted (its blocks freed, recomputed later from scratch).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from openlora.config import SchedulerConfig
+from openlora.core.kv_cache_manager import KVCacheManager
+from openlora.request import Request, RequestStatus
+
+
+class AdapterGate(Protocol):
+    """What the scheduler needs from the adapter manager (torch-free view of it)."""
+
+    def acquire(self, req: Request) -> bool:
+        """Make the request's adapters resident and hold them; False if not ready yet (a background
+        load is started) or if no adapter slot is free."""
+
+    def enqueue(self, req: Request) -> None:
+        """The request joined the waiting queue (its adapters may be prefetched)."""
+
+    def release(self, req: Request) -> None:
+        """The request finished, failed or was aborted (running or waiting)."""
+
+    def requeue(self, req: Request) -> None:
+        """The running request was preempted and waits again."""
+
+    def failure(self, req: Request) -> str | None:
+        """Why the request's adapter cannot be loaded, or None."""
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step."""
+
+    request: Request
+    num_new_tokens: int  # tokens computed this step: positions [start, start + num_new_tokens)
+    start: int  # request.num_computed_tokens before this step (prefix hits included)
+    block_ids: list[int]  # the request's whole block table (shared list; read-only for the runner)
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the known tokens, so a new token is sampled."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """The scheduler's one contract with the model runner."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)  # running order
+    num_batched_tokens: int = 0  # sum of num_new_tokens
+    preempted: list[str] = field(default_factory=list)  # request ids preempted in this step
+    failed: list[Request] = field(default_factory=list)  # finished with an error while waiting
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """FCFS, token budget, preemption by recompute, optional adapter gating."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, gate: AdapterGate | None = None) -> None:
+        self.config = config
+        self.kv = kv
+        self.gate = gate
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+        if self.gate is not None:
+            self.gate.enqueue(req)
+
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def finish(self, req: Request, status: RequestStatus, error: str | None = None) -> None:
+        """Finish (stop, length, abort, error): free blocks and adapter hold."""
+        assert status.is_finished
+        if req.is_finished:
+            return
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        if self.gate is not None:
+            self.gate.release(req)
+        self.kv.free(req)
+        req.status = status
+        req.error = error
+        self.requests.pop(req.request_id, None)
+
+    def abort(self, request_ids: Iterable[str]) -> list[Request]:
+        out = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is not None:
+                self.finish(req, RequestStatus.FINISHED_ABORTED)
+                out.append(req)
+        return out
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        if self.gate is not None:
+            self.gate.requeue(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _max_new(self, req: Request, budget: int) -> int:
+        todo = req.num_tokens - req.num_computed_tokens
+        return max(0, min(todo, budget, self.config.max_model_len - req.num_computed_tokens))
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        # 1. Running requests first, in admission order; preempt from the back when short of blocks.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = self._max_new(req, budget)
+            if n == 0:
+                i += 1
+                continue
+            while not self.kv.allocate_slots(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append(
+                    ScheduledRequest(req, n, req.num_computed_tokens, self.kv.block_ids(req.request_id))
+                )
+                budget -= n
+                i += 1
+
+        # 2. Admit waiting requests FCFS (skipping, not blocking on, requests whose adapter is not
+        # resident yet). No admissions in a step that had to preempt.
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and not out.preempted:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            req = self.waiting.popleft()
+            if self.gate is not None:
+                err = self.gate.failure(req)
+                if err is not None:
+                    self.requests.pop(req.request_id, None)
+                    self.gate.release(req)
+                    req.status = RequestStatus.FINISHED_ERROR
+                    req.error = err
+                    out.failed.append(req)
+                    continue
+                if not self.gate.acquire(req):
+                    skipped.append(req)
+                    continue
+            hit_blocks, num_hit = self.kv.get_computed_blocks(req)
+            n = min(req.num_tokens - num_hit, budget)
+            if not self.kv.allocate_slots(req, n, hit_blocks):
+                if self.gate is not None:
+                    self.gate.requeue(req)
+                skipped.append(req)
+                break  # out of blocks: later requests would not fit either (FCFS)
+            req.num_computed_tokens = num_hit
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, n, num_hit, self.kv.block_ids(req.request_id)))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        out.num_batched_tokens = sum(s.num_new_tokens for s in out.scheduled)
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance counters after the step, append sampled tokens, apply token-level stop rules.
+        Returns the requests that got a new token (finished ones have a finished status)."""
+        progressed = []
+        for s in out.scheduled:
+            req = s.request
+            if req.is_finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += s.num_new_tokens
+            tok = sampled.get(req.request_id)
+            if tok is None:
+                continue
+            req.output_token_ids.append(tok)
+            progressed.append(req)
+            status = self._check_stop(req, tok)
+            if status is not None:
+                self.finish(req, status)
+        return progressed
+
+    def _check_stop(self, req: Request, tok: int) -> RequestStatus | None:
+        p = req.sampling_params
+        n_out = req.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and tok in req.eos_token_ids:
+                req.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if tok in p.stop_token_ids:
+                req.stop_reason = tok
+                return RequestStatus.FINISHED_STOPPED
+        if n_out >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,108 @@
+"""Offline API: `LLM(model=...)` and `llm.generate(prompts, params)` (vLLM users will know it)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from openlora.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from openlora.engine.llm_engine import AdapterSpec, LLMEngine
+from openlora.outputs import RequestOutput
+from openlora.sampling_params import SamplingParams
+
+log = logging.getLogger("openlora")
+
+
+def build_engine_config(model: str | None = None, *, dtype: str = "float32", device: str | None = None,
+                        max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                        max_model_len: int | None = None, block_size: int = 16,
+                        kv_cache_memory: int = 1 << 30, num_kv_blocks: int | None = None,
+                        enable_prefix_caching: bool = True, max_loras: int = 32, max_cpu_loras: int = 128,
+                        max_lora_rank: int = 64, lora_pool_rows: int | None = None, num_threads: int | None = None,
+                        max_waiting: int = 4096, seed: int = 0) -> EngineConfig:
+    """Engine options -> EngineConfig. No model means the built-in demo model."""
+    import torch
+
+    if model is None:
+        from openlora.demo import ensure_demo_model
+
+        model = str(ensure_demo_model())
+    path = _resolve_model_path(model)
+    mc = ModelConfig.from_pretrained(path)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    mml = min(max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    return EngineConfig(
+        model=mc, dtype=dtype, device=device,
+        cache=CacheConfig(block_size, kv_cache_memory, num_kv_blocks, enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs, max(max_num_batched_tokens, 1), mml, max_waiting),
+        lora=LoRAConfig(max_loras, max_cpu_loras, max_lora_rank, lora_pool_rows),
+        num_threads=num_threads, seed=seed,
+    )
+
+
+def _resolve_model_path(model: str) -> str:
+    """A local folder, or a hub repo id fetched through huggingface_hub into its cache."""
+    if Path(model).is_dir():
+        return str(Path(model))
+    from huggingface_hub import snapshot_download
+
+    from openlora.errors import ModelLoadError
+
+    try:
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+    except Exception as e:  # network, auth, missing repo
+        raise ModelLoadError(f"model {model!r} is neither a local folder nor a reachable hub repo: {e}") from e
+
+
+class LLM:
+    """Generate from a batch of prompts with continuous batching, optionally with LoRA adapters."""
+
+    def __init__(self, model: str | None = None, **engine_options) -> None:
+        from openlora.lora.manager import LoRAManager
+
+        self.config = build_engine_config(model, **engine_options)
+        self.lora = LoRAManager(self.config)
+        self.engine = LLMEngine(self.config, lora_manager=self.lora)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def register_adapter(self, name: str, source: str, *, pinned: bool = False, load: bool = True) -> None:
+        """Register a PEFT adapter (folder, hub id or s3:// URI) under `name`."""
+        self.lora.register(name, source, pinned=pinned, load=load)
+
+    def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 adapters: AdapterSpec | Sequence[AdapterSpec] = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run all prompts to completion; one RequestOutput per prompt, in order.
+
+        `adapters` has one entry per prompt (or one for all): None (base model), an adapter name, or
+        a weighted list of (name, weight) pairs composed exactly in the same pass."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        n = len(prompts)
+        params = sampling_params or SamplingParams()
+        plist = list(params) if isinstance(params, Sequence) else [params] * n
+        if adapters is None or isinstance(adapters, str) or (adapters and isinstance(adapters[0], tuple)):
+            alist = [adapters] * n
+        else:
+            alist = list(adapters)
+        if len(plist) != n or len(alist) != n:
+            raise ValueError("sampling_params and adapters must have one entry per prompt")
+        ids = []
+        for p, sp, ad in zip(prompts, plist, alist):
+            rid = f"gen-{next(self._ids)}"
+            self.engine.add_request(rid, p, sp, adapters=ad)
+            ids.append(rid)
+        final: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]

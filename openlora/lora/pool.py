@@ -1,0 +1,77 @@
+"""Device-resident adapter storage: rank rows as pages, no padding to a maximum rank.
+
+For every projection site, `a[site]` is `[num_layers, pool_rows, in]` and `bt[site]` is
+`[num_layers, pool_rows, out]` (B transposed, with the adapter's per-layer scaling folded in). An
+adapter of rank r at a site owns r rows of that site's pool, wherever they are free. Sites are
+allocated on first use, so adapters that only touch q and v cost nothing elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from openlora.config import LORA_SITES, ModelShape
+
+
+class LoRAPool:
+    """Row allocator plus the stacked A / B^T tensors the SGMV kernels read."""
+
+    def __init__(self, shape: ModelShape, rows_per_site: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.shape = shape
+        self.rows = rows_per_site
+        self.dtype = dtype
+        self.device = device
+        self.a: dict[str, torch.Tensor] = {}
+        self.bt: dict[str, torch.Tensor] = {}
+        self.free: dict[str, list[int]] = {s: list(range(rows_per_site)) for s in LORA_SITES}
+
+    def _ensure_site(self, site: str) -> None:
+        if site in self.a:
+            return
+        fin, fout = self.shape.site_dims(site)
+        L = self.shape.num_layers
+        self.a[site] = torch.zeros(L, self.rows, fin, dtype=self.dtype, device=self.device)
+        self.bt[site] = torch.zeros(L, self.rows, fout, dtype=self.dtype, device=self.device)
+
+    def fits(self, ranks: dict[str, int]) -> bool:
+        """Whether an adapter with these per-site ranks fits in the free rows."""
+        return all(len(self.free[s]) >= r for s, r in ranks.items())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.bt.values()))
+
+    @torch.no_grad()
+    def load(self, adapter) -> dict[str, list[int]]:
+        """Copy an adapter (openlora.lora.adapter.LoRAAdapter) in; returns its rows per site.
+        Layers where the adapter has a smaller rank (rank_pattern) or no module get zero rows, so
+        their contribution is exactly zero."""
+        ranks = {s: adapter.site_rank(s) for s in LORA_SITES if adapter.site_rank(s) > 0}
+        assert self.fits(ranks), "caller checks fits() and evicts first"
+        rows: dict[str, list[int]] = {}
+        pin = self.device.type == "cuda"
+        for site, r in ranks.items():
+            self._ensure_site(site)
+            rows[site] = [self.free[site].pop() for _ in range(r)]
+            idx = torch.tensor(rows[site], dtype=torch.long, device=self.device)
+            L = self.shape.num_layers
+            fin, fout = self.shape.site_dims(site)
+            a = torch.zeros(L, r, fin, dtype=torch.float32)
+            bt = torch.zeros(L, r, fout, dtype=torch.float32)
+            for layer in range(L):
+                m = adapter.modules.get((layer, site))
+                if m is None:
+                    continue
+                rr = m.a.shape[0]
+                a[layer, :rr] = m.a.float()
+                bt[layer, :rr] = (m.b.float() * m.scaling).t()  # scaling folded into B once
+            a, bt = a.to(self.dtype), bt.to(self.dtype)
+            if pin:
+                a, bt = a.pin_memory(), bt.pin_memory()
+            self.a[site].index_copy_(1, idx, a.to(self.device, non_blocking=pin))
+            self.bt[site].index_copy_(1, idx, bt.to(self.device, non_blocking=pin))
+        return rows
+
+    def unload(self, rows: dict[str, list[int]]) -> None:
+        """Give an adapter's rows back (their contents are overwritten by the next load)."""
+        for site, rs in rows.items():
+            self.free[site].extend(rs)

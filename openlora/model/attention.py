@@ -1,0 +1,66 @@
+"""Paged attention over a flattened batch: writes new K/V into the block cache, then decode
+sequences attend in one batched call and prefill chunks one call each (causal with offset)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from openlora.worker.forward_context import AttentionMetadata
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k_cache/v_cache: [num_blocks, block_size, kv_heads, d]; k/v: [T, kv_heads, d]."""
+    kvh, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
+
+
+def causal_mask(start: int, q_len: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """bool [q_len, start + q_len]: query i (position start + i) sees keys at positions <= its own
+    (and, with a sliding window, > its own - window). None when plain is_causal suffices."""
+    ctx = start + q_len
+    if start == 0 and (window is None or ctx <= window):
+        return None
+    qpos = torch.arange(start, ctx, device=device)[:, None]
+    kpos = torch.arange(ctx, device=device)[None, :]
+    m = kpos <= qpos
+    if window is not None:
+        m &= kpos > qpos - window
+    return m
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, d]; k, v: [T, KVH, d] (already written to the cache). Returns [T, H * d]."""
+    T, H, d = q.shape
+    kvh = k.shape[1]
+    out = torch.empty(T, H, d, dtype=q.dtype, device=q.device)
+    nd = meta.num_decode
+    if nd:
+        bs = k_cache.shape[1]
+        bt = meta.decode_block_table  # [nd, max_blocks]
+        kk = k_cache[bt].view(nd, -1, kvh, d).transpose(1, 2)  # [nd, KVH, L, d]
+        vv = v_cache[bt].view(nd, -1, kvh, d).transpose(1, 2)
+        qq = q[:nd].unsqueeze(2)  # [nd, H, 1, d]
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=meta.decode_mask, scale=scale,
+                                           enable_gqa=kvh != H)
+        out[:nd] = o.squeeze(2)
+        del bs
+    for p in meta.prefills:
+        s, n = p.q_start, p.q_len
+        qq = q[s:s + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, d]
+        if p.start == 0:
+            kk = k[s:s + n].transpose(0, 1).unsqueeze(0)  # [1, KVH, n, d]
+            vv = v[s:s + n].transpose(0, 1).unsqueeze(0)
+        else:
+            ctx = p.start + n
+            kk = k_cache[p.block_ids].view(-1, kvh, d)[:ctx].transpose(0, 1).unsqueeze(0)
+            vv = v_cache[p.block_ids].view(-1, kvh, d)[:ctx].transpose(0, 1).unsqueeze(0)
+        if p.mask is None:
+            o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=kvh != H)
+        else:
+            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=p.mask, scale=scale, enable_gqa=kvh != H)
+        out[s:s + n] = o.squeeze(0).transpose(0, 1)
+    return out.view(T, H * d)

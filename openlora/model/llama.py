@@ -1,0 +1,131 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) over a flattened, unpadded batch.
+
+q/k/v and gate/up are fused into one matmul each at load time; LoRA is added per logical projection
+into column slices of the fused outputs through the selected SGMV backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openlora.config import ModelConfig
+from openlora.model.attention import paged_attention, write_kv
+from openlora.model.loader import CheckpointReader
+from openlora.model.rope import apply_rope, inv_frequencies
+from openlora.worker.forward_context import ForwardContext, LoRAContext
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and cast back (as transformers does)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _lora(lc: LoRAContext | None, site: str, layer: int, y: torch.Tensor, x: torch.Tensor) -> None:
+    """Add this step's LoRA deltas of one projection into y (a view) in place."""
+    if lc is not None and site in lc.batch.sites:
+        lc.backend.sgmv(y, x, lc.a[site][layer], lc.bt[site][layer], lc.batch, site)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.idx = idx
+        h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+        self.q_size, self.kv_size, self.inter = q, kv, i
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        self.window = cfg.sliding_window
+        self.scale = cfg.head_dim ** -0.5
+        e = lambda *s: nn.Parameter(torch.empty(*s, dtype=dtype), requires_grad=False)  # noqa: E731
+        self.input_norm = e(h)
+        self.qkv_w = e(q + 2 * kv, h)
+        self.qkv_b = e(q + 2 * kv) if cfg.attention_bias else None
+        self.o_w = e(h, q)
+        self.post_norm = e(h)
+        self.gate_up_w = e(2 * i, h)
+        self.down_w = e(h, i)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        T = h.shape[0]
+        q_sz, kv_sz, lc, li = self.q_size, self.kv_size, ctx.lora, self.idx
+        x = rms_norm(h, self.input_norm, self.eps)
+        qkv = F.linear(x, self.qkv_w, self.qkv_b)  # [T, q + 2kv]
+        _lora(lc, "q_proj", li, qkv[:, :q_sz], x)
+        _lora(lc, "k_proj", li, qkv[:, q_sz:q_sz + kv_sz], x)
+        _lora(lc, "v_proj", li, qkv[:, q_sz + kv_sz:], x)
+        q = qkv[:, :q_sz].view(T, self.num_heads, self.head_dim)
+        k = qkv[:, q_sz:q_sz + kv_sz].view(T, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_sz + kv_sz:].view(T, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, ctx.cos, ctx.sin)
+        k = apply_rope(k, ctx.cos, ctx.sin)
+        write_kv(k_cache, v_cache, k, v, ctx.attn.slot_mapping)
+        o = paged_attention(q, k, v, k_cache, v_cache, ctx.attn, self.scale)  # [T, q]
+        attn_out = F.linear(o, self.o_w)
+        _lora(lc, "o_proj", li, attn_out, o)
+        h = h + attn_out
+        x = rms_norm(h, self.post_norm, self.eps)
+        gu = F.linear(x, self.gate_up_w)  # [T, 2i]
+        _lora(lc, "gate_proj", li, gu[:, :self.inter], x)
+        _lora(lc, "up_proj", li, gu[:, self.inter:], x)
+        act = F.silu(gu[:, :self.inter]) * gu[:, self.inter:]
+        down = F.linear(act, self.down_w)
+        _lora(lc, "down_proj", li, down, act)
+        return h + down
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm and (possibly tied) LM head."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype) for i in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else nn.Parameter(
+            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.register_buffer("inv_freq", inv_frequencies(cfg), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """input_ids [T] -> final hidden states [T, hidden] (normed)."""
+        h = F.embedding(input_ids, self.embed)
+        for layer, (kc, vc) in zip(self.layers, kv_caches):
+            h = layer(h, ctx, kc, vc)
+        return rms_norm(h, self.norm, self.cfg.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> fp32 [N, vocab] (matmul in the model dtype, as transformers does)."""
+        return F.linear(hidden, self.lm_head).float()
+
+    @torch.no_grad()
+    def load_weights(self, reader: CheckpointReader) -> None:
+        """Copy checkpoint tensors in, fusing q/k/v and gate/up."""
+        g = reader.get
+        self.embed.copy_(g("model.embed_tokens.weight"))
+        self.norm.copy_(g("model.norm.weight"))
+        if not self.cfg.tie_word_embeddings:
+            self.lm_head.copy_(g("lm_head.weight"))
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            layer.input_norm.copy_(g(p + "input_layernorm.weight"))
+            layer.post_norm.copy_(g(p + "post_attention_layernorm.weight"))
+            layer.qkv_w.copy_(torch.cat([g(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
+            if layer.qkv_b is not None:
+                layer.qkv_b.copy_(torch.cat([g(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+            layer.o_w.copy_(g(p + "self_attn.o_proj.weight"))
+            layer.gate_up_w.copy_(torch.cat([g(p + "mlp.gate_proj.weight"), g(p + "mlp.up_proj.weight")]))
+            layer.down_w.copy_(g(p + "mlp.down_proj.weight"))
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaModel:
+    """Build the model on `device` and load its checkpoint."""
+    reader = CheckpointReader(cfg.path, dtype)
+    with torch.device(device):
+        model = LlamaModel(cfg, dtype)
+    model.load_weights(reader)
+    return model.eval()

@@ -1,0 +1,53 @@
+"""Per-step inputs shared by every layer, built once by the model runner and passed explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from openlora.lora.batch import LoRABatch
+
+
+@dataclass
+class PrefillSeq:
+    """A sequence with more than one query token in this step (prompt chunk or recompute)."""
+
+    q_start: int  # first row of this sequence in the flattened batch
+    q_len: int
+    start: int  # tokens already in the cache before this step (prefix hits, earlier chunks)
+    block_ids: torch.Tensor | None  # int64 [num_blocks] when start > 0 (context read from the cache)
+    mask: torch.Tensor | None  # bool [q_len, start + q_len], None when plain causal suffices
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token's K/V goes and what each query attends to.
+
+    The runner orders the flattened batch with the single-token (decode) sequences first, then the
+    multi-token ones, so decode rows are [0, num_decode)."""
+
+    slot_mapping: torch.Tensor  # int64 [T]: block_id * block_size + offset of each new token
+    num_decode: int
+    decode_block_table: torch.Tensor | None  # int64 [num_decode, max_blocks] (padded with 0)
+    decode_mask: torch.Tensor | None  # bool [num_decode, 1, 1, max_blocks * block_size]
+    prefills: list[PrefillSeq] = field(default_factory=list)
+
+
+@dataclass
+class LoRAContext:
+    """The device pool and kernel backend, plus this step's metadata."""
+
+    batch: LoRABatch
+    a: dict[str, torch.Tensor]  # site -> [num_layers, pool_rows, in]
+    bt: dict[str, torch.Tensor]  # site -> [num_layers, pool_rows, out]
+    backend: object  # openlora.kernels backend with .sgmv(y, x, a, bt, batch, site)
+
+
+@dataclass
+class ForwardContext:
+    positions: torch.Tensor  # int64 [T]
+    cos: torch.Tensor  # [T, head_dim] model dtype
+    sin: torch.Tensor
+    attn: AttentionMetadata
+    lora: LoRAContext | None = None

@@ -1,0 +1,173 @@
+"""Turns a SchedulerOutput into tensors, runs the model, samples. Owns the KV cache and generators."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from openlora.config import EngineConfig
+from openlora.core.scheduler import ScheduledRequest, SchedulerOutput
+from openlora.model.attention import causal_mask
+from openlora.model.llama import LlamaModel, load_model
+from openlora.model.rope import rope_cos_sin
+from openlora.model.sampler import Sampler, SamplingRow, compute_prompt_logprobs
+from openlora.outputs import PositionLogprobs
+from openlora.worker.forward_context import AttentionMetadata, ForwardContext, LoRAContext, PrefillSeq
+
+log = logging.getLogger("openlora.worker")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kv_block_bytes(config: EngineConfig) -> int:
+    """Bytes one KV block takes over all layers (K and V)."""
+    m = config.model
+    elem = torch.empty((), dtype=DTYPES[config.dtype]).element_size()
+    return 2 * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim * elem
+
+
+def num_kv_blocks(config: EngineConfig) -> int:
+    """Blocks that fit the KV memory budget (or the explicit override)."""
+    if config.cache.num_blocks is not None:
+        return config.cache.num_blocks
+    return max(1, config.cache.kv_cache_memory_bytes // kv_block_bytes(config))
+
+
+@dataclass
+class RunnerOutput:
+    """Per-request results of one step (only requests that sampled appear in `sampled`)."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    """Executes steps on one device."""
+
+    def __init__(self, config: EngineConfig, num_blocks: int, lora=None) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        self.model: LlamaModel = load_model(config.model, self.dtype, self.device)
+        m, bs = config.model, config.cache.block_size
+        self.block_size = bs
+        # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
+        self.kv = torch.zeros(m.num_layers, 2, num_blocks, bs, m.num_kv_heads, m.head_dim, dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(m.num_layers)]
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator] = {}
+        self.lora = lora  # openlora.lora.manager.LoRAManager or None
+        # Tests set this to a list to receive (request_id, fp32 logits [vocab]) of every sampled row.
+        self.capture_logits: list[tuple[str, torch.Tensor]] | None = None
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs, self.kv.numel() * self.kv.element_size() / 2**20)
+
+    def release(self, request_id: str) -> None:
+        """Forget per-request state (the request finished)."""
+        self.generators.pop(request_id, None)
+
+    def _generator(self, req) -> torch.Generator | None:
+        if req.seed is None:
+            return None
+        g = self.generators.get(req.request_id)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(req.seed)
+            self.generators[req.request_id] = g
+        return g
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        # Decode rows (one query token) first, then multi-token chunks: see AttentionMetadata.
+        seqs = sorted(out.scheduled, key=lambda s: s.num_new_tokens > 1)
+        ctx, input_ids, q_starts = self._prepare(seqs)
+        hidden = self.model(input_ids, ctx, self.kv_caches)
+        return self._sample(seqs, hidden, q_starts)
+
+    def _prepare(self, seqs: list[ScheduledRequest]) -> tuple[ForwardContext, torch.Tensor, list[int]]:
+        bs, dev = self.block_size, self.device
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        q_starts: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSeq] = []
+        window = self.config.model.sliding_window
+        for s in seqs:
+            req, start, n = s.request, s.start, s.num_new_tokens
+            q_starts.append(len(ids))
+            toks = req.all_token_ids[start:start + n]
+            ids.extend(toks)
+            pos.extend(range(start, start + n))
+            blocks = s.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1:
+                decode_tables.append(blocks[: (start + bs) // bs])
+                decode_lens.append(start + 1)
+            else:
+                nb = -(-(start + n) // bs)
+                prefills.append(PrefillSeq(
+                    q_start=q_starts[-1], q_len=n, start=start,
+                    block_ids=torch.tensor(blocks[:nb], dtype=torch.long, device=dev) if start else None,
+                    mask=causal_mask(start, n, window, dev),
+                ))
+        nd = len(decode_tables)
+        table = mask = None
+        if nd:
+            width = max(len(t) for t in decode_tables)
+            table = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev)
+            lens = torch.tensor(decode_lens, device=dev)
+            kpos = torch.arange(width * bs, device=dev)[None, :]
+            m = kpos < lens[:, None]
+            if window is not None:
+                m &= kpos >= (lens[:, None] - window)
+            mask = m[:, None, None, :]
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        cos, sin = rope_cos_sin(self.model.inv_freq, positions, self.dtype)
+        attn = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode=nd, decode_block_table=table, decode_mask=mask, prefills=prefills,
+        )
+        lora_ctx = None
+        if self.lora is not None:
+            batch = self.lora.build_batch(seqs, q_starts, len(ids))
+            if batch is not None:
+                lora_ctx = LoRAContext(batch, self.lora.pool.a, self.lora.pool.bt, self.lora.backend)
+        ctx = ForwardContext(positions=positions, cos=cos, sin=sin, attn=attn, lora=lora_ctx)
+        return ctx, torch.tensor(ids, dtype=torch.long, device=dev), q_starts
+
+    def _sample(self, seqs: list[ScheduledRequest], hidden: torch.Tensor, q_starts: list[int]) -> RunnerOutput:
+        res = RunnerOutput()
+        rows: list[int] = []
+        sample_seqs: list[ScheduledRequest] = []
+        prompt_lp: list[tuple[ScheduledRequest, int, int]] = []  # (seq, first hidden row, count)
+        for s, q0 in zip(seqs, q_starts):
+            req = s.request
+            k = req.sampling_params.prompt_logprobs
+            if k is not None and s.start < req.num_prompt_tokens - 1:
+                # Rows whose next token is still a prompt token.
+                cnt = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1) - s.start
+                prompt_lp.append((s, q0, cnt))
+            if s.samples:
+                rows.append(q0 + s.num_new_tokens - 1)
+                sample_seqs.append(s)
+        if sample_seqs:
+            logits = self.model.logits(hidden[rows])  # [B, vocab] fp32
+            if self.capture_logits is not None:
+                self.capture_logits.extend((s.request.request_id, row.clone()) for s, row in zip(sample_seqs, logits))
+            srows = [SamplingRow(s.request.sampling_params, s.request.prompt_token_ids, s.request.output_token_ids,
+                                 self._generator(s.request), s.request.eos_token_ids) for s in sample_seqs]
+            so = self.sampler(logits, srows)
+            for s, tok, lp in zip(sample_seqs, so.token_ids, so.logprobs):
+                res.sampled[s.request.request_id] = tok
+                if lp is not None:
+                    res.logprobs[s.request.request_id] = lp
+        for s, q0, cnt in prompt_lp:
+            req = s.request
+            lg = self.model.logits(hidden[q0:q0 + cnt])
+            targets = req.prompt_token_ids[s.start + 1:s.start + 1 + cnt]
+            res.prompt_logprobs[req.request_id] = compute_prompt_logprobs(lg, targets, req.sampling_params.prompt_logprobs)
+        return res
