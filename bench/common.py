@@ -1,0 +1,89 @@
+"""Shared benchmark helpers: the SmolLM2-135M-shaped random model, machine roofline, timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SMOL = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
+            tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, rope_theta=100000.0)
+
+
+def bench_root() -> Path:
+    from openlora.config import cache_dir
+
+    root = cache_dir() / "bench"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def smol_model_dir() -> Path:
+    """Random-init Llama with the SmolLM2-135M shape (built once, cached)."""
+    path = bench_root() / "smol135m"
+    if (path / "model.safetensors").is_file():
+        return path
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from tiny_models import write_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOL), torch_dtype=torch.float32)
+    tmp = path.with_suffix(".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    write_tokenizer(tmp, SMOL["vocab_size"])
+    os.replace(tmp, path)
+    return path
+
+
+def prompts_32x32(n: int = 32, length: int = 32, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 32000, (n, length), generator=g).tolist()
+
+
+def measure_machine(dtype: torch.dtype) -> dict:
+    """Memory bandwidth (1 GiB copy, read+write bytes) and matmul throughput (2048^3) in `dtype`."""
+    x = torch.empty(1 << 28, dtype=torch.float32)  # 1 GiB
+    x.fill_(1.0)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        y.copy_(x)
+        best = min(best, time.perf_counter() - t)
+    bw = 2 * x.numel() * 4 / best
+    del x, y
+    a = torch.randn(2048, 2048).to(dtype)
+    b = torch.randn(2048, 2048).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return {"bandwidth_GBps": bw / 1e9, "matmul_GFLOPs": 2 * 2048**3 / best / 1e9}
+
+
+def decode_roofline_s(n_params_linear: int, n_params_total: int, batch: int, avg_ctx: int, kv_bytes_per_token: int,
+                      elem: int, machine: dict, extra_flops: float = 0.0, extra_bytes: float = 0.0) -> dict:
+    """Lower bound of one decode step: max(bytes / bandwidth, FLOPs / matmul throughput)."""
+    flops = 2 * n_params_linear * batch + extra_flops
+    bytes_ = n_params_total * elem + batch * avg_ctx * kv_bytes_per_token + extra_bytes
+    t_mem = bytes_ / (machine["bandwidth_GBps"] * 1e9)
+    t_cmp = flops / (machine["matmul_GFLOPs"] * 1e9)
+    return {"flops_per_step": flops, "bytes_per_step": bytes_, "roofline_step_ms": 1e3 * max(t_mem, t_cmp),
+            "bound": "compute" if t_cmp > t_mem else "memory"}
+
+
+def emit(result: dict) -> None:
+    print(json.dumps(result, indent=2))
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    with open(out / f"{result.get('bench', 'bench')}.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")

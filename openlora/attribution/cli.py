@@ -1,0 +1,116 @@
+"""`openlora ledger verify|balances|export|prove REQUEST_ID --ledger PATH`.
+
+The main CLI wires these in with `add_ledger_commands(subparsers)`; each subcommand stores its
+handler as `args.func`, which returns the process exit code. Output is JSON on stdout; `verify`
+names the first bad receipt on stderr and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from openlora.errors import InvalidRequest
+
+
+def _open(path: str):
+    from openlora.attribution.ledger import Ledger
+
+    if not Path(path).is_file():
+        raise SystemExit(f"error: no ledger at {path}")
+    return Ledger(path)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    ledger = _open(args.ledger)
+    try:
+        bad = ledger.verify(node=args.node)
+        if bad is not None:
+            print(f"ledger verification FAILED at {bad}", file=sys.stderr)
+            print(json.dumps({"ok": False, "seq": bad.seq, "request_id": bad.request_id,
+                              "receipt_id": bad.receipt_hash, "reason": bad.reason}))
+            return 1
+        print(json.dumps({"ok": True, "receipts": len(ledger), "head": ledger.head()[1]}))
+        return 0
+    finally:
+        ledger.close()
+
+
+def _cmd_balances(args: argparse.Namespace) -> int:
+    ledger = _open(args.ledger)
+    try:
+        print(json.dumps(ledger.balances(), indent=2))
+        return 0
+    finally:
+        ledger.close()
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    ledger = _open(args.ledger)
+    try:
+        if args.out in (None, "-"):
+            ledger.export_jsonl(sys.stdout)
+        else:
+            with open(args.out, "w") as f:
+                n = ledger.export_jsonl(f)
+            print(json.dumps({"exported": n, "path": args.out}))
+        return 0
+    finally:
+        ledger.close()
+
+
+def _cmd_prove(args: argparse.Namespace) -> int:
+    from openlora.attribution.epochs import EpochManager, verify_proof
+
+    ledger = _open(args.ledger)
+    try:
+        try:
+            proof = EpochManager(ledger).prove(args.request_id)
+        except InvalidRequest as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        proof["verified"] = verify_proof(proof["receipt_id"], proof["proof"], proof["root"])
+        print(json.dumps(proof, indent=2))
+        return 0 if proof["verified"] else 1
+    finally:
+        ledger.close()
+
+
+def add_ledger_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `ledger` command group to an argparse subparsers object; returns its parser."""
+    ledger = subparsers.add_parser("ledger", help="inspect and verify the attribution ledger")
+    sub = ledger.add_subparsers(dest="ledger_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--ledger", required=True, metavar="PATH", help="SQLite ledger file")
+
+    p = sub.add_parser("verify", help="re-check chain, hashes and signatures; exit 1 on the first bad receipt")
+    common(p)
+    p.add_argument("--node", default=None, help="require every receipt to be signed by this address")
+    p.set_defaults(func=_cmd_verify)
+    p = sub.add_parser("balances", help="total amount credited per address (JSON)")
+    common(p)
+    p.set_defaults(func=_cmd_balances)
+    p = sub.add_parser("export", help="write every receipt as JSON lines")
+    common(p)
+    p.add_argument("--out", default=None, help="output file (default: stdout)")
+    p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("prove", help="Merkle inclusion proof of a request's receipt in its epoch")
+    common(p)
+    p.add_argument("request_id")
+    p.set_defaults(func=_cmd_prove)
+    return ledger
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: `python -m openlora.attribution.cli ledger verify --ledger X`."""
+    parser = argparse.ArgumentParser(prog="openlora")
+    add_ledger_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""`openlora` command line: serve, bench, adapters merge, ledger ..."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="openlora", description="Multi-LoRA serving with proof of attribution.")
+    ap.add_argument("--log-level", default="INFO")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    from openlora.server.cli import add_serve_command
+
+    add_serve_command(sub)
+
+    bench = sub.add_parser("bench", help="run bench/throughput.py (base-model throughput vs transformers)")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_run_bench)
+
+    demo = sub.add_parser("demo", help="build the built-in demo model and adapters and print their paths")
+    demo.set_defaults(func=_run_demo)
+
+    from openlora.lora.merge_cli import add_adapter_commands
+
+    add_adapter_commands(sub)
+
+    from openlora.attribution.cli import add_ledger_commands
+
+    add_ledger_commands(sub)
+    return ap
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
+    if not script.is_file():
+        print("bench/throughput.py is part of the source checkout; run from a clone of the repository", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from openlora.demo import ensure_demo_adapters, ensure_demo_model
+
+    model = ensure_demo_model()
+    print(f"model: {model}")
+    for name, path in ensure_demo_adapters(model).items():
+        print(f"adapter {name}: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

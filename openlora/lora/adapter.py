@@ -1,0 +1,479 @@
+"""PEFT-format LoRA adapters: parse a folder into host tensors, and write one back.
+
+An adapter folder holds `adapter_config.json` and `adapter_model.safetensors` (or the older
+`adapter_model.bin`). Tensor keys look like
+`base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` (PEFT drops the adapter name
+`default`; other names stay as an infix: `...q_proj.lora_A.my_name.weight`).
+
+Math of one module (PEFT `Linear.forward`): `y = base(x) + scaling * (x @ A^T) @ B^T` with
+`A: [r, in_features]`, `B: [out_features, r]` and `scaling = lora_alpha / r`
+(`lora_alpha / sqrt(r)` with `use_rslora`), where r and lora_alpha may be overridden per module by
+`rank_pattern` / `alpha_pattern` (first pattern key `k` such that `re.match(rf"(.*\\.)?({k})$", module)`).
+
+NOTE: the base-model name an adapter records (`base_model_name_or_path`) is advisory only: the same
+weights are often published under several names (mirrors, local copies, quantized repos), so a name
+mismatch is logged as a warning and the tensor shapes, checked against the served model's
+`ModelShape`, are the real compatibility check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from openlora.config import LORA_SITES, ModelShape
+from openlora.errors import AdapterLoadError, UnsupportedAdapter
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+
+# Which submodule of a decoder layer owns each projection (Llama / Mistral / Qwen2 naming).
+SITE_PARENT = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+
+# `module.lora_A[.adapter_name].weight`; anything else under a LoRA module is unsupported.
+_KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.(?P<param>weight|bias)$")
+_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoRAModule:
+    """One adapted projection: `delta(x) = scaling * (x @ a^T) @ b^T`."""
+
+    a: torch.Tensor  # fp32 [r, in_features]
+    b: torch.Tensor  # fp32 [out_features, r]
+    scaling: float  # lora_alpha / r (or / sqrt(r) with rslora), per module
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update `scaling * B @ A`, fp32 [out_features, in_features]."""
+        return (self.b @ self.a) * self.scaling
+
+
+@dataclass
+class LoRAAdapter:
+    """A parsed adapter: host fp32 tensors keyed by (layer index, site), plus identity."""
+
+    adapter_id: str
+    path: str | None
+    config: dict[str, Any]  # the raw adapter_config.json (or a synthetic one for merges)
+    base_model_name_or_path: str | None
+    modules: dict[tuple[int, str], LoRAModule]
+    content_hash: str = ""  # filled by __post_init__ when empty
+
+    def __post_init__(self) -> None:
+        if not self.content_hash:
+            self.content_hash = compute_content_hash(self.modules)
+
+    def site_rank(self, site: str) -> int:
+        """Largest rank of `site` over layers (0 if the adapter does not target it)."""
+        return max((m.rank for (_, s), m in self.modules.items() if s == site), default=0)
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """Targeted sites, in LORA_SITES order."""
+        present = {s for _, s in self.modules}
+        return tuple(s for s in LORA_SITES if s in present)
+
+    @property
+    def max_rank(self) -> int:
+        return max((m.rank for m in self.modules.values()), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() for m in self.modules.values())
+
+    @property
+    def num_layers(self) -> int:
+        """1 + the highest adapted layer index (0 for an empty adapter)."""
+        return max((layer for layer, _ in self.modules), default=-1) + 1
+
+
+def compute_content_hash(modules: dict[tuple[int, str], LoRAModule]) -> str:
+    """sha256 over what determines the math: per module (layer, site, scaling, A, B), in sorted order.
+
+    The adapter's name, path and cosmetic config fields are excluded, so renaming does not change the
+    hash; r / lora_alpha / rslora / patterns enter through the per-module scaling and tensor shapes.
+    """
+    h = hashlib.sha256(b"openlora-lora-v1")
+    for (layer, site) in sorted(modules):
+        m = modules[(layer, site)]
+        h.update(f"|{layer}|{site}|{float(m.scaling).hex()}|".encode())
+        for t in (m.a, m.b):
+            t = t.detach().to(torch.float32).contiguous()
+            h.update(struct.pack("<2q", *t.shape))
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    cfg_path = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise AdapterLoadError(f"adapter folder {folder} does not exist")
+    if not cfg_path.is_file():
+        raise AdapterLoadError(f"adapter folder {folder} has no {CONFIG_NAME}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterLoadError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise AdapterLoadError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _read_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The weights file and its tensors (safetensors preferred, else torch.load(weights_only=True))."""
+    st, bn = folder / SAFETENSORS_NAME, folder / BIN_NAME
+    try:
+        if st.is_file():
+            from safetensors.torch import load_file
+
+            return st, load_file(str(st), device="cpu")
+        if bn.is_file():
+            sd = torch.load(str(bn), map_location="cpu", weights_only=True)
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise AdapterLoadError(f"{bn} does not hold a flat dict of tensors")
+            return bn, sd
+    except AdapterLoadError:
+        raise
+    except Exception as e:  # corrupt file, pickle refused by weights_only, truncated safetensors...
+        raise AdapterLoadError(f"cannot read adapter weights in {folder}: {type(e).__name__}: {e}") from e
+    raise AdapterLoadError(f"adapter folder {folder} has neither {SAFETENSORS_NAME} nor {BIN_NAME}")
+
+
+def _check_config_features(cfg: dict[str, Any], cfg_path: Path) -> None:
+    """Reject configs using features OpenLoRA does not implement (UnsupportedAdapter names each)."""
+    where = f"adapter {cfg_path}"
+    peft_type = cfg.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise UnsupportedAdapter(f"{where}: peft_type {peft_type!r} is not supported (only LORA)")
+    if cfg.get("use_dora"):
+        raise UnsupportedAdapter(f"{where}: use_dora (DoRA) is not supported")
+    if cfg.get("bias", "none") != "none":
+        raise UnsupportedAdapter(f"{where}: bias={cfg.get('bias')!r} is not supported (only 'none')")
+    if cfg.get("lora_bias"):
+        raise UnsupportedAdapter(f"{where}: lora_bias is not supported")
+    if cfg.get("modules_to_save"):
+        raise UnsupportedAdapter(f"{where}: modules_to_save {cfg['modules_to_save']!r} is not supported")
+    for feat in ("target_parameters", "trainable_token_indices", "layer_replication", "megatron_config"):
+        if cfg.get(feat):
+            raise UnsupportedAdapter(f"{where}: {feat} is not supported")
+    tm = cfg.get("target_modules")
+    if isinstance(tm, (list, tuple)):
+        for name in tm:
+            last = str(name).split(".")[-1]
+            if last in ("embed_tokens", "lm_head"):
+                raise UnsupportedAdapter(f"{where}: LoRA on {last} is not supported")
+            if last not in LORA_SITES:
+                raise UnsupportedAdapter(
+                    f"{where}: target module {name!r} is not supported (only {', '.join(LORA_SITES)})"
+                )
+    elif tm is not None and not isinstance(tm, str):
+        raise AdapterLoadError(f"{where}: target_modules must be a list or a string, got {tm!r}")
+    if not isinstance(cfg.get("r", 8), int) or cfg.get("r", 8) < 1:
+        raise AdapterLoadError(f"{where}: r must be a positive integer, got {cfg.get('r')!r}")
+
+
+def _targets(cfg: dict[str, Any], module: str) -> bool:
+    """PEFT's `check_target_module_exists` for a module path such as `model.layers.0.self_attn.q_proj`."""
+    ex = cfg.get("exclude_modules")
+    if ex:
+        if isinstance(ex, str):
+            if re.fullmatch(ex, module):
+                return False
+        elif module in ex or any(module.endswith("." + e) for e in ex):
+            return False
+    tm = cfg.get("target_modules")
+    if tm is None:
+        return True  # PEFT filled in the architecture default; the saved tensors tell us which
+    if isinstance(tm, str):
+        # "all-linear" means every linear layer but the output head; heads were rejected earlier.
+        return tm == "all-linear" or re.fullmatch(tm, module) is not None
+    found = module in tm or any(module.endswith("." + t) for t in tm)
+    layers = cfg.get("layers_to_transform")
+    if found and layers is not None and (not isinstance(layers, list) or layers):
+        idx = _layer_index(module, cfg.get("layers_pattern"))
+        if idx is None:
+            return False
+        return idx == layers if isinstance(layers, int) else idx in layers
+    return found
+
+
+def _layer_index(module: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The first numbered path segment (after `layers_pattern` if given), as PEFT finds it."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        pats = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        m = None
+        for p in pats:
+            m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module)
+            if m:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def pattern_lookup(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of `module`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _group_keys(sd: dict[str, torch.Tensor], wpath: Path) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
+    """module path -> {"lora_A"/"lora_B": (key, tensor)}; rejects keys of unsupported features."""
+    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    names: set[str] = set()
+    for key, t in sd.items():
+        if "lora_magnitude_vector" in key:
+            raise UnsupportedAdapter(f"{wpath}: key {key!r}: DoRA (lora_magnitude_vector) is not supported")
+        if "modules_to_save" in key:
+            raise UnsupportedAdapter(f"{wpath}: key {key!r}: modules_to_save is not supported")
+        if "lora_embedding_" in key or ".embed_tokens." in key:
+            raise UnsupportedAdapter(f"{wpath}: key {key!r}: LoRA on embed_tokens is not supported")
+        if ".lm_head." in key:
+            raise UnsupportedAdapter(f"{wpath}: key {key!r}: LoRA on lm_head is not supported")
+        m = _KEY_RE.match(key)
+        if m is None:
+            raise UnsupportedAdapter(f"{wpath}: key {key!r} is not a lora_A / lora_B weight")
+        if m.group("param") == "bias":
+            raise UnsupportedAdapter(f"{wpath}: key {key!r}: lora_bias is not supported")
+        if m.group("name"):
+            names.add(m.group("name"))
+        module = m.group("module")
+        module = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
+        site = module.split(".")[-1]
+        if site not in LORA_SITES:
+            raise UnsupportedAdapter(
+                f"{wpath}: key {key!r}: target module {site!r} is not supported (only {', '.join(LORA_SITES)})"
+            )
+        groups.setdefault(module, {})[m.group("kind")] = (key, t)
+    if len(names) > 1:
+        raise AdapterLoadError(f"{wpath}: tensors of several adapters in one file: {sorted(names)}")
+    return groups
+
+
+def load_peft_adapter(
+    path: str | Path, adapter_id: str, shape: ModelShape, *, expected_base_model: str | None = None
+) -> LoRAAdapter:
+    """Parse a PEFT LoRA folder into fp32 host tensors, checked against the served model's shape.
+
+    Raises UnsupportedAdapter (DoRA, embed_tokens / lm_head, bias, modules_to_save, other targets) or
+    AdapterLoadError (missing files, bad JSON, shape or layer mismatches; messages name file and key).
+    A differing `expected_base_model` only logs a warning (see the module NOTE).
+    """
+    folder = Path(path)
+    cfg = _read_config(folder)
+    cfg_path = folder / CONFIG_NAME
+    _check_config_features(cfg, cfg_path)
+    wpath, sd = _read_tensors(folder)
+    groups = _group_keys(sd, wpath)
+
+    r_default: int = cfg.get("r", 8)
+    alpha_default: float = cfg.get("lora_alpha", 8)
+    rank_pattern: dict[str, int] = cfg.get("rank_pattern") or {}
+    alpha_pattern: dict[str, float] = cfg.get("alpha_pattern") or {}
+    rslora = bool(cfg.get("use_rslora", False))
+
+    modules: dict[tuple[int, str], LoRAModule] = {}
+    for module, parts in groups.items():
+        if not _targets(cfg, module):
+            # PEFT would not create this module, so it ignores the tensors too ("unexpected keys").
+            logger.warning("%s: %s is not targeted by the adapter config; its tensors are ignored", wpath, module)
+            continue
+        if "lora_A" not in parts or "lora_B" not in parts:
+            have = next(iter(parts.values()))[0]
+            missing = "lora_B" if "lora_A" in parts else "lora_A"
+            raise AdapterLoadError(f"{wpath}: key {have!r} has no matching {missing} tensor")
+        (ka, a), (kb, b) = parts["lora_A"], parts["lora_B"]
+        site = module.split(".")[-1]
+        layer = _layer_index(module, cfg.get("layers_pattern"))
+        if layer is None:
+            raise AdapterLoadError(f"{wpath}: key {ka!r}: cannot find a layer index in {module!r}")
+        if layer >= shape.num_layers:
+            raise AdapterLoadError(
+                f"{wpath}: key {ka!r}: layer {layer} does not exist (the model has {shape.num_layers} layers)"
+            )
+        r = pattern_lookup(rank_pattern, module, r_default)
+        alpha = pattern_lookup(alpha_pattern, module, alpha_default)
+        in_f, out_f = shape.site_dims(site)
+        for key, t, want in ((ka, a, (r, in_f)), (kb, b, (out_f, r))):
+            if tuple(t.shape) != want:
+                raise AdapterLoadError(
+                    f"{wpath}: key {key!r} has shape {tuple(t.shape)}, expected {want} "
+                    f"(r={r}, {site} in/out features {in_f}/{out_f})"
+                )
+        scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        modules[(layer, site)] = LoRAModule(
+            a=a.detach().to(torch.float32).contiguous(), b=b.detach().to(torch.float32).contiguous(),
+            scaling=float(scaling),
+        )
+    if not modules:
+        raise AdapterLoadError(f"{wpath}: no LoRA tensors for any of {', '.join(LORA_SITES)}")
+
+    base = cfg.get("base_model_name_or_path")
+    if expected_base_model and base and base != expected_base_model:
+        logger.warning(
+            "adapter %s was trained on %r, serving it on %r (shapes match; the name is advisory)",
+            adapter_id, base, expected_base_model,
+        )
+    return LoRAAdapter(adapter_id=adapter_id, path=str(folder), config=cfg, base_model_name_or_path=base,
+                       modules=modules)
+
+
+def infer_shape(paths: list[str | Path]) -> ModelShape:
+    """A ModelShape consistent with the adapters' own tensors (for tools that have no base model).
+
+    Dimensions no adapter reveals are 0 (nothing targets them, so nothing is checked against them);
+    num_layers is 1 + the highest adapted layer index; vocab_size is 0 (adapters never touch it).
+    Disagreeing adapters raise AdapterLoadError.
+    """
+    dims: dict[str, tuple[int, str]] = {}  # dim name -> (value, evidence key)
+    num_layers = 0
+    # For each site: (name of in_features dim, name of out_features dim).
+    site_dims = {
+        "q_proj": ("hidden", "q"), "k_proj": ("hidden", "kv"), "v_proj": ("hidden", "kv"), "o_proj": ("q", "hidden"),
+        "gate_proj": ("hidden", "inter"), "up_proj": ("hidden", "inter"), "down_proj": ("inter", "hidden"),
+    }
+
+    def note(dim: str, value: int, evidence: str) -> None:
+        if dim in dims and dims[dim][0] != value:
+            raise AdapterLoadError(
+                f"adapters disagree on the model shape: {evidence} implies {dim}={value}, "
+                f"{dims[dim][1]} implies {dims[dim][0]}"
+            )
+        dims.setdefault(dim, (value, evidence))
+
+    for p in paths:
+        folder = Path(p)
+        cfg = _read_config(folder)
+        _check_config_features(cfg, folder / CONFIG_NAME)
+        wpath, sd = _read_tensors(folder)
+        for module, parts in _group_keys(sd, wpath).items():
+            site = module.split(".")[-1]
+            layer = _layer_index(module, cfg.get("layers_pattern"))
+            if layer is not None:
+                num_layers = max(num_layers, layer + 1)
+            din, dout = site_dims[site]
+            if "lora_A" in parts:
+                key, a = parts["lora_A"]
+                note(din, int(a.shape[-1]), f"{wpath}:{key}")
+            if "lora_B" in parts:
+                key, b = parts["lora_B"]
+                note(dout, int(b.shape[0]), f"{wpath}:{key}")
+    get = lambda d: dims.get(d, (0, ""))[0]  # noqa: E731
+    return ModelShape(num_layers=num_layers, hidden_size=get("hidden"), q_size=get("q"), kv_size=get("kv"),
+                      intermediate_size=get("inter"), vocab_size=0)
+
+
+# ------------------------------------------------------------------------------------------ saving
+
+
+def _num(x: float) -> int | float:
+    """Write integral floats as ints (PEFT configs conventionally hold ints)."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _target_config(adapter: LoRAAdapter) -> dict[str, Any]:
+    """target_modules (+ layers_to_transform) selecting exactly the adapter's (layer, site) set."""
+    by_site: dict[str, set[int]] = {}
+    for layer, site in adapter.modules:
+        by_site.setdefault(site, set()).add(layer)
+    sites = [s for s in LORA_SITES if s in by_site]
+    layer_sets = {frozenset(v) for v in by_site.values()}
+    if len(layer_sets) == 1:
+        layers = sorted(next(iter(layer_sets)))
+        return {"target_modules": sites, "layers_to_transform": layers, "layers_pattern": "layers"}
+    # Different layers per site: one regex alternative per group of sites sharing a layer set
+    # (PEFT fullmatches a string target_modules against paths like `model.layers.0.self_attn.q_proj`).
+    groups: dict[frozenset[int], list[str]] = {}
+    for s in sites:
+        groups.setdefault(frozenset(by_site[s]), []).append(s)
+    alts = [
+        rf"(?:.*\.)?layers\.(?:{'|'.join(str(i) for i in sorted(ls))})\.[^.]+\.(?:{'|'.join(ss)})"
+        for ls, ss in groups.items()
+    ]
+    return {"target_modules": "|".join(f"(?:{a})" for a in alts), "layers_to_transform": None, "layers_pattern": None}
+
+
+def save_peft_adapter(adapter: LoRAAdapter, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write `adapter` as a PEFT LoRA folder that `PeftModel.from_pretrained` loads to the same math.
+
+    r / lora_alpha are the most common (rank, scaling) pair; other modules get rank_pattern /
+    alpha_pattern entries (per site when all its layers agree, else per module path) so every
+    module's scaling round-trips (use_rslora is always written as False: alpha = scaling * r).
+    """
+    from safetensors.torch import save_file
+
+    if not adapter.modules:
+        raise AdapterLoadError(f"adapter {adapter.adapter_id} has no modules to save")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = Counter((m.rank, m.scaling) for m in adapter.modules.values())
+    r0, s0 = pairs.most_common(1)[0][0]
+    alpha0 = s0 * r0
+
+    def module_path(layer: int, site: str) -> str:
+        return f"model.layers.{layer}.{SITE_PARENT[site]}.{site}"
+
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, int | float] = {}
+    for site in adapter.sites:
+        items = sorted((layer, m) for (layer, s), m in adapter.modules.items() if s == site)
+        uniform = len({(m.rank, m.scaling) for _, m in items}) == 1
+        for layer, m in items[:1] if uniform else items:
+            # A site key ("q_proj") matches that site in every layer; a module key only itself.
+            key = site if uniform else re.escape(module_path(layer, site))
+            if m.rank != r0:
+                rank_pattern[key] = m.rank
+            if m.scaling * m.rank != alpha0:
+                alpha_pattern[key] = _num(m.scaling * m.rank)
+
+    cfg: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or adapter.base_model_name_or_path,
+        "r": r0,
+        "lora_alpha": _num(alpha0),
+        "use_rslora": False,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        **_target_config(adapter),
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    for (layer, site), m in sorted(adapter.modules.items()):
+        prefix = f"{_PREFIX}{module_path(layer, site)}"
+        tensors[f"{prefix}.lora_A.weight"] = m.a.detach().to(torch.float32).contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = m.b.detach().to(torch.float32).contiguous()
+    save_file(tensors, str(out / SAFETENSORS_NAME), metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return out
