@@ -51,6 +51,7 @@ class AdapterEntry:
     host: LoRAAdapter | None = None  # weights in host memory
     content_hash: str = ""
     error: str | None = None
+    exc: Exception | None = None  # the load failure, re-raised by a synchronous register()
     rows: dict[str, list[int]] | None = None  # device rows per site while resident
     holders: set[str] = field(default_factory=set)  # running request ids
     waiting: set[str] = field(default_factory=set)  # queued request ids
@@ -110,7 +111,7 @@ class LoRAManager:
             if e.state == AdapterState.FAILED:
                 with self.lock:
                     del self.entries[adapter_id]
-                raise AdapterLoadError(e.error or f"adapter {adapter_id!r} failed to load")
+                raise e.exc or AdapterLoadError(e.error or f"adapter {adapter_id!r} failed to load")
         return e
 
     def unregister(self, adapter_id: str) -> None:
@@ -201,6 +202,7 @@ class LoRAManager:
             log.warning("adapter %s failed to load: %s", e.adapter_id, msg)
             with self.lock:
                 e.state, e.error, e.loading = AdapterState.FAILED, msg, False
+                e.exc = ex if isinstance(ex, OpenLoRAError) else AdapterLoadError(msg)
                 self.stats["load_failures"] += 1
             return
         with self.lock:
