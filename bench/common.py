@@ -87,3 +87,31 @@ def emit(result: dict) -> None:
     out.mkdir(exist_ok=True)
     with open(out / f"{result.get('bench', 'bench')}.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
+
+
+def write_random_adapter(path: Path, *, r: int, targets: tuple[str, ...], seed: int, layers: int = 30,
+                         hidden: int = 576, kv: int = 192, inter: int = 1536, alpha: int = 16,
+                         base: str = "smol135m") -> Path:
+    """A PEFT-format LoRA adapter with random A and B (non-zero B) for the SmolLM2-135M shape."""
+    import json
+
+    from safetensors.torch import save_file
+
+    dims = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
+            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    kind = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for t in targets:
+            fin, fout = dims[t]
+            pre = f"base_model.model.model.layers.{layer}.{kind[t]}.{t}"
+            tensors[f"{pre}.lora_A.weight"] = torch.randn(r, fin, generator=g) / fin ** 0.5
+            tensors[f"{pre}.lora_B.weight"] = torch.randn(fout, r, generator=g) * 0.01
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "target_modules": list(targets),
+        "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": base, "use_rslora": False}))
+    return path

@@ -79,11 +79,14 @@ class LLM:
 
     def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 adapters: AdapterSpec | Sequence[AdapterSpec] = None, use_tqdm: bool = False) -> list[RequestOutput]:
+                 adapters: AdapterSpec | Sequence[AdapterSpec] = None, merge: dict | Sequence[dict | None] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
         """Run all prompts to completion; one RequestOutput per prompt, in order.
 
         `adapters` has one entry per prompt (or one for all): None (base model), an adapter name, or
-        a weighted list of (name, weight) pairs composed exactly in the same pass."""
+        a weighted list of (name, weight) pairs composed exactly in the same pass. `merge` (one dict
+        per prompt or one for all) asks for a merged adapter: {adapters: [{id, weight}], strategy,
+        density, majority_sign_method, svd_rank, seed} (see openlora.lora.merge_service)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         n = len(prompts)
@@ -93,12 +96,13 @@ class LLM:
             alist = [adapters] * n
         else:
             alist = list(adapters)
-        if len(plist) != n or len(alist) != n:
-            raise ValueError("sampling_params and adapters must have one entry per prompt")
+        mlist = list(merge) if isinstance(merge, (list, tuple)) else [merge] * n
+        if len(plist) != n or len(alist) != n or len(mlist) != n:
+            raise ValueError("sampling_params, adapters and merge must have one entry per prompt")
         ids = []
-        for p, sp, ad in zip(prompts, plist, alist):
+        for p, sp, ad, mg in zip(prompts, plist, alist, mlist):
             rid = f"gen-{next(self._ids)}"
-            self.engine.add_request(rid, p, sp, adapters=ad)
+            self.engine.add_request(rid, p, sp, adapters=ad, merge=mg)
             ids.append(rid)
         final: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():

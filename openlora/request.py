@@ -70,6 +70,7 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit on first scheduling (-1: not scheduled yet)
     num_preemptions: int = 0
     error: str | None = None
+    error_status: int | None = None  # HTTP status of `error` (400 bad merge, 503 adapter load failure)
     stop_reason: int | str | None = None
     first_token_time: float | None = None
     # Prompt logprobs collected so far (filled chunk by chunk when prompt_logprobs is set).

@@ -16,6 +16,7 @@ from openlora.core.scheduler import Scheduler
 from openlora.engine.detokenizer import IncrementalDetokenizer
 from openlora.engine.tokenizer import load_tokenizer
 from openlora.errors import InvalidRequest, OpenLoRAError, RequestTooLong
+from openlora.lora.merge_service import MergeService, MergeSpec
 from openlora.outputs import AdapterUsage, CompletionOutput, RequestOutput, UsageEvent
 from openlora.request import Request, RequestStatus
 from openlora.sampling_params import SamplingParams
@@ -41,6 +42,7 @@ class _Group:
     prompt_logprobs: list | None = None
     tenant: str = ""
     merge: dict | None = None
+    sources: list[tuple[str, float]] | None = None  # merge sources (adapter id, weight)
     arrival_wall: float = field(default_factory=time.time)
 
     @property
@@ -64,6 +66,7 @@ class LLMEngine:
                 "raise the KV-cache memory or lower max_model_len")
         self.kv = KVCacheManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.lora = lora_manager
+        self.merges = MergeService(lora_manager) if lora_manager is not None else None
         self.scheduler = Scheduler(config.scheduler, self.kv, gate=lora_manager)
         self.runner = ModelRunner(config, self.num_blocks, lora=lora_manager)
         self.groups: dict[str, _Group] = {}
@@ -102,9 +105,17 @@ class LLMEngine:
             raise RequestTooLong(
                 f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
                 f"length of {max_len} tokens")
-        uses = self.lora.resolve(adapters) if self.lora is not None else ()
-        if adapters and self.lora is None:
+        if (adapters or merge) and self.lora is None:
             raise InvalidRequest("this engine was started without adapter support")
+        sources = None
+        if merge is not None:
+            if adapters:
+                raise InvalidRequest("give either adapters or merge, not both")
+            spec = MergeSpec.parse(merge)
+            adapters = self.merges.prepare(spec)
+            sources = list(zip(spec.adapters, spec.weights))
+            merge = {**spec.params(), "merged_adapter": None if spec.strategy == "cat" else adapters[0][0]}
+        uses = self.lora.resolve(adapters) if self.lora is not None else ()
         children, detoks = [], []
         for i in range(params.n):
             cid = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -117,7 +128,7 @@ class LLMEngine:
                 self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output))
         g = _Group(request_id, text, ids, params, children, detoks, [[] for _ in children],
-                   tenant=tenant, merge=merge)
+                   tenant=tenant, merge=merge, sources=sources)
         self.groups[request_id] = g
         for i, c in enumerate(children):
             self.child_to_group[c.request_id] = (g, i)
@@ -146,6 +157,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         touched: dict[str, _Group] = {}
         for req in sched.failed:
+            req.error_status = self._failure_status(req)
             g, _ = self.child_to_group[req.request_id]
             touched[g.request_id] = g
         if not sched.empty:
@@ -188,13 +200,22 @@ class LLMEngine:
                 index=i, text=d.output_text, token_ids=list(c.output_token_ids),
                 logprobs=list(g.logprobs[i]) if g.params.logprobs is not None else None,
                 finish_reason=c.status.finish_reason, stop_reason=c.stop_reason))
-        err = next((c.error for c in g.children if c.error), None)
+        failed = next((c for c in g.children if c.error), None)
+        err = failed.error if failed else None
         return RequestOutput(
             request_id=g.request_id, prompt=g.prompt, prompt_token_ids=g.prompt_token_ids, outputs=outs,
             finished=g.finished, prompt_logprobs=g.prompt_logprobs,
             num_cached_tokens=max(0, g.children[0].num_cached_tokens), error=err,
-            error_status=503 if err else None,
+            error_status=(failed.error_status or 503) if failed else None,
         )
+
+    def _failure_status(self, req: Request) -> int:
+        """HTTP status of an adapter failure: the load error's own (400 for a bad merge), else 503."""
+        for u in req.adapters:
+            e = self.lora.entries.get(u.adapter_id) if self.lora is not None else None
+            if e is not None and e.exc is not None:
+                return getattr(e.exc, "status", 503)
+        return 503
 
     def _finish_group_if_done(self, g: _Group) -> None:
         if not g.finished or g.request_id not in self.groups:
@@ -215,7 +236,7 @@ class LLMEngine:
         ev = UsageEvent(
             request_id=g.request_id, tenant=g.tenant, base_model=self.config.model.path,
             base_model_hash=self.base_model_hash,
-            adapters=tuple(AdapterUsage(a.adapter_id, a.content_hash, a.weight) for a in first.adapters),
+            adapters=self._usage_adapters(g, first),
             prompt_tokens=len(g.prompt_token_ids), cached_tokens=max(0, first.num_cached_tokens),
             completion_tokens=sum(c.num_output_tokens for c in g.children), status=status,
             finish_reason=first.status.finish_reason, merge=g.merge, arrival_time=g.arrival_wall,
@@ -226,6 +247,17 @@ class LLMEngine:
                 fn(ev)
             except Exception:  # a listener must never take the engine down
                 log.exception("usage listener failed for %s", g.request_id)
+
+
+    def _usage_adapters(self, g: _Group, first: Request) -> tuple[AdapterUsage, ...]:
+        """Every source adapter: a merged request lists the merge's sources, not the merged copy."""
+        if g.sources is None:
+            return tuple(AdapterUsage(a.adapter_id, a.content_hash, a.weight) for a in first.adapters)
+        out = []
+        for aid, w in g.sources:
+            e = self.lora.entries.get(aid)
+            out.append(AdapterUsage(aid, e.content_hash if e is not None else "", w))
+        return tuple(out)
 
 
 def _base_model_hash(path: str) -> str:

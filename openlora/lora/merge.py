@@ -162,19 +162,20 @@ def _delta_svd(mods: list[LoRAModule], ws: list[float], rank: int) -> LoRAModule
 # ------------------------------------------------------------------------------------ public API
 
 
-def _validate(adapters: list[LoRAAdapter], weights: list[float], strategy: str, density: float | None,
-              majority_sign_method: str, svd_rank: int | None, svd_clamp: float | None) -> None:
+def validate_params(num_adapters: int, weights: list[float], strategy: str, density: float | None,
+                    majority_sign_method: str, svd_rank: int | None, svd_clamp: float | None) -> None:
+    """Check every merge parameter that does not need the adapters' weights (400 on a bad field)."""
     if strategy not in STRATEGIES:
         raise InvalidRequest(f"strategy: unknown merge strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if not adapters:
+    if not num_adapters:
         raise InvalidRequest("adapters: at least one adapter is required")
-    if len(weights) != len(adapters):
-        raise InvalidRequest(f"weights: {len(weights)} weights for {len(adapters)} adapters")
+    if len(weights) != num_adapters:
+        raise InvalidRequest(f"weights: {len(weights)} weights for {num_adapters} adapters")
     if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
         raise InvalidRequest(f"weights: every weight must be a finite number, got {weights!r}")
     if density is not None and not (isinstance(density, (int, float)) and 0 < density <= 1):
         raise InvalidRequest(f"density: must be in (0, 1], got {density!r}")
-    if density is None and strategy in NEEDS_DENSITY and len(adapters) > 1:
+    if density is None and strategy in NEEDS_DENSITY and num_adapters > 1:
         raise InvalidRequest(f"density: strategy {strategy!r} requires a density in (0, 1]")
     if majority_sign_method not in SIGN_METHODS:
         raise InvalidRequest(f"majority_sign_method: must be one of {SIGN_METHODS}, got {majority_sign_method!r}")
@@ -182,7 +183,11 @@ def _validate(adapters: list[LoRAAdapter], weights: list[float], strategy: str, 
         raise InvalidRequest(f"svd_rank: must be an integer >= 1, got {svd_rank!r}")
     if svd_clamp is not None and not (isinstance(svd_clamp, (int, float)) and 0 <= svd_clamp <= 1):
         raise InvalidRequest(f"svd_clamp: must be a quantile in [0, 1], got {svd_clamp!r}")
-    if strategy in FACTOR_STRATEGIES and len({a.max_rank for a in adapters}) > 1:
+
+
+def check_ranks(adapters: list[LoRAAdapter], strategy: str) -> None:
+    """Strategies that combine A and B factor-wise need adapters of equal rank."""
+    if strategy in FACTOR_STRATEGIES and len(adapters) > 1 and len({a.max_rank for a in adapters}) > 1:
         ranks = {a.adapter_id: a.max_rank for a in adapters}
         raise InvalidRequest(f"adapters: strategy {strategy!r} needs adapters of equal rank, got {ranks}")
 
@@ -217,7 +222,8 @@ def merge_adapters(
     See the module docstring for each strategy's math. `seed` seeds a private generator for the DARE
     masks (None: the global torch RNG, as PEFT). Raises InvalidRequest naming the bad field.
     """
-    _validate(adapters, weights, strategy, density, majority_sign_method, svd_rank, svd_clamp)
+    validate_params(len(adapters), weights, strategy, density, majority_sign_method, svd_rank, svd_clamp)
+    check_ranks(adapters, strategy)
     params = {"density": density, "majority_sign_method": majority_sign_method, "svd_rank": svd_rank,
               "svd_clamp": svd_clamp, "svd_full_matrices": svd_full_matrices, "seed": seed}
     key = merge_key(adapters, weights, strategy, params)
