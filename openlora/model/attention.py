@@ -39,15 +39,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     out = torch.empty(T, H, d, dtype=q.dtype, device=q.device)
     nd = meta.num_decode
     if nd:
-        bs = k_cache.shape[1]
-        bt = meta.decode_block_table  # [nd, max_blocks]
-        kk = k_cache[bt].view(nd, -1, kvh, d).transpose(1, 2)  # [nd, KVH, L, d]
-        vv = v_cache[bt].view(nd, -1, kvh, d).transpose(1, 2)
+        nb = k_cache.shape[0]
+        flat = meta.decode_block_table.view(-1)  # [nd * max_blocks]
+        # index_select on [num_blocks, block_size * KVH * d] rows: one contiguous copy per block.
+        kk = k_cache.view(nb, -1).index_select(0, flat).view(nd, -1, kvh, d).transpose(1, 2)  # [nd, KVH, L, d]
+        vv = v_cache.view(nb, -1).index_select(0, flat).view(nd, -1, kvh, d).transpose(1, 2)
         qq = q[:nd].unsqueeze(2)  # [nd, H, 1, d]
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=meta.decode_mask, scale=scale,
                                            enable_gqa=kvh != H)
         out[:nd] = o.squeeze(2)
-        del bs
     for p in meta.prefills:
         s, n = p.q_start, p.q_len
         qq = q[s:s + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, d]

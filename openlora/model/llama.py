@@ -57,11 +57,10 @@ class DecoderLayer(nn.Module):
         _lora(lc, "q_proj", li, qkv[:, :q_sz], x)
         _lora(lc, "k_proj", li, qkv[:, q_sz:q_sz + kv_sz], x)
         _lora(lc, "v_proj", li, qkv[:, q_sz + kv_sz:], x)
-        q = qkv[:, :q_sz].view(T, self.num_heads, self.head_dim)
-        k = qkv[:, q_sz:q_sz + kv_sz].view(T, self.num_kv_heads, self.head_dim)
+        # Rotate q and k heads in one go: [T, H + KVH, d].
+        qk = apply_rope(qkv[:, :q_sz + kv_sz].view(T, self.num_heads + self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, q_sz + kv_sz:].view(T, self.num_kv_heads, self.head_dim)
-        q = apply_rope(q, ctx.cos, ctx.sin)
-        k = apply_rope(k, ctx.cos, ctx.sin)
         write_kv(k_cache, v_cache, k, v, ctx.attn.slot_mapping)
         o = paged_attention(q, k, v, k_cache, v_cache, ctx.attn, self.scale)  # [T, q]
         attn_out = F.linear(o, self.o_w)

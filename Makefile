@@ -1,0 +1,31 @@
+# One command to set up and run each main job. The virtual environment is created on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: setup serve test bench demo clean
+
+$(VENV)/.installed: requirements-lock.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-lock.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+serve: setup  ## serve the demo model and adapters (or ARGS="--model PATH ...") on 127.0.0.1:8000
+	$(VENV)/bin/openlora serve $(ARGS)
+
+test: setup  ## the whole test suite (what CI runs)
+	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+
+bench: setup  ## base-model throughput vs transformers
+	$(PY) bench/throughput.py $(ARGS)
+
+demo: setup
+	$(VENV)/bin/openlora demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

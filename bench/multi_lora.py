@@ -1,0 +1,132 @@
+"""Mixed-adapter throughput: 32 requests for 32 distinct adapters (32 prompt + 64 new tokens each)
+on the SmolLM2-135M shape, in two adapter shapes (r=16 on all seven projections; r=8 on q and v).
+
+Prints JSON per (dtype, shape): tokens/s, the ratio to this engine's own base-model run, the ratio
+to PEFT's mixed-batch `generate(..., adapter_names=...)`, and the roofline ratio counting the
+adapters' FLOPs and the distinct adapters' bytes. All measured in the same run.
+
+Run: python bench/multi_lora.py [--dtypes float32,bfloat16] [--shapes r16_all,r8_qv] [--skip-peft]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (bench_root, decode_roofline_s, emit, measure_machine, prompts_32x32,  # noqa: E402
+                    smol_model_dir, write_random_adapter)
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHAPES = {"r16_all": (16, ALL), "r8_qv": (8, ("q_proj", "v_proj"))}
+DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DIMS = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
+        "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}
+
+
+def adapters_for(shape: str, n: int) -> list[Path]:
+    r, targets = SHAPES[shape]
+    root = bench_root() / f"multi_{shape}"
+    return [p if (p := root / f"a{i:02d}").joinpath("adapter_model.safetensors").is_file()
+            else write_random_adapter(p, r=r, targets=targets, seed=1000 + i) for i in range(n)]
+
+
+def run_engine(llm, prompts, adapters, new: int) -> float:
+    from openlora import SamplingParams
+
+    t = time.perf_counter()
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True), adapters=adapters)
+    return time.perf_counter() - t
+
+
+def engine_numbers(llm, prompts, adapters, new: int, runs: int) -> tuple[float, float]:
+    run_engine(llm, prompts, adapters, new)  # warm-up at full length
+    full = sorted(run_engine(llm, prompts, adapters, new) for _ in range(runs))[runs // 2]
+    one = sorted(run_engine(llm, prompts, adapters, 1) for _ in range(runs))[runs // 2]
+    return full, 1e3 * (full - one) / (new - 1)
+
+
+def peft_numbers(model_dir, paths, prompts, dtype, new: int, runs: int) -> tuple[float, float]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    m = PeftModel.from_pretrained(base, str(paths[0]), adapter_name="a00", autocast_adapter_dtype=False)
+    for i, p in enumerate(paths[1:], 1):
+        m.load_adapter(str(p), adapter_name=f"a{i:02d}", autocast_adapter_dtype=False)
+    m.eval()
+    names = [f"a{i:02d}" for i in range(len(paths))]
+    ids = torch.tensor(prompts)
+
+    def go(n: int) -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0, adapter_names=names)
+        return time.perf_counter() - t
+
+    go(new)
+    full = sorted(go(new) for _ in range(runs))[runs // 2]
+    one = sorted(go(1) for _ in range(runs))[runs // 2]
+    return full, 1e3 * (full - one) / (new - 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--shapes", default="r16_all,r8_qv")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--skip-peft", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    from openlora import LLM
+
+    model_dir = smol_model_dir()
+    prompts = prompts_32x32()
+    n, new = len(prompts), args.new_tokens
+    for dname in args.dtypes.split(","):
+        dtype = DT[dname]
+        elem = torch.empty((), dtype=dtype).element_size()
+        machine = measure_machine(dtype)
+        llm = LLM(str(model_dir), dtype=dname, max_model_len=256, kv_cache_memory=256 << 20, max_loras=32,
+                  max_cpu_loras=64, lora_pool_rows=32 * 16)
+        base_wall, base_step = engine_numbers(llm, prompts, None, new, args.runs)
+        m = llm.config.model
+        lin = sum(p.numel() for name, p in llm.engine.runner.model.named_parameters() if p.dim() == 2 and name != "embed")
+        lin += m.vocab_size * m.hidden_size if m.tie_word_embeddings else 0
+        total = sum(p.numel() for p in llm.engine.runner.model.parameters())
+        kv_tok = 2 * m.num_layers * m.num_kv_heads * m.head_dim * elem
+        for shape in args.shapes.split(","):
+            paths = adapters_for(shape, n)
+            names = []
+            for i, p in enumerate(paths):
+                name = f"{shape}-{i:02d}"
+                if name not in llm.lora.entries:
+                    llm.register_adapter(name, str(p))
+                names.append(name)
+            wall, step = engine_numbers(llm, prompts, names, new, args.runs)
+            r, targets = SHAPES[shape]
+            per_adapter = sum(r * (DIMS[t][0] + DIMS[t][1]) for t in targets) * m.num_layers  # params
+            roof = decode_roofline_s(lin, total, n, 32 + new // 2, kv_tok, elem, machine,
+                                     extra_flops=2 * per_adapter * n,  # each token: its own adapter once
+                                     extra_bytes=per_adapter * n * elem)  # each distinct adapter read once
+            res = {"bench": "multi_lora", "dtype": dname, "adapters": shape, "distinct_adapters": n,
+                   "requests": n, "new_tokens": new, "tokens_per_s": n * new / wall, "decode_step_ms": step,
+                   "decode_tokens_per_s": 1e3 * n / step, "base_tokens_per_s": n * new / base_wall,
+                   "base_decode_step_ms": base_step, "ratio_vs_own_base": base_wall / wall,
+                   "decode_ratio_vs_own_base": base_step / step, **machine, **roof,
+                   "roofline_ratio": step / roof["roofline_step_ms"], "lora_backend": llm.lora.backend.name}
+            if not args.skip_peft:
+                pw, ps = peft_numbers(model_dir, paths, prompts, dtype, new, max(1, args.runs - 2))
+                res.update({"peft_tokens_per_s": n * new / pw, "peft_decode_step_ms": ps, "ratio_vs_peft": pw / wall})
+            emit(res)
+        del llm
+
+
+if __name__ == "__main__":
+    main()
