@@ -68,6 +68,11 @@ class LLM:
         self.lora = LoRAManager(self.config)
         self.engine = LLMEngine(self.config, lora_manager=self.lora)
         self._ids = itertools.count()
+        if model is None:  # the built-in demo model comes with its demo adapters
+            from openlora.demo import ensure_demo_adapters
+
+            for name, path in ensure_demo_adapters(Path(self.config.model.path)).items():
+                self.register_adapter(name, str(path))
 
     @property
     def tokenizer(self):
@@ -99,11 +104,15 @@ class LLM:
         mlist = list(merge) if isinstance(merge, (list, tuple)) else [merge] * n
         if len(plist) != n or len(alist) != n or len(mlist) != n:
             raise ValueError("sampling_params, adapters and merge must have one entry per prompt")
-        ids = []
-        for p, sp, ad, mg in zip(prompts, plist, alist, mlist):
-            rid = f"gen-{next(self._ids)}"
-            self.engine.add_request(rid, p, sp, adapters=ad, merge=mg)
-            ids.append(rid)
+        ids: list[str] = []
+        try:
+            for p, sp, ad, mg in zip(prompts, plist, alist, mlist):
+                rid = f"gen-{next(self._ids)}"
+                self.engine.add_request(rid, p, sp, adapters=ad, merge=mg)
+                ids.append(rid)
+        except Exception:
+            self.engine.abort_request(ids)  # a bad prompt fails the call, not the next one
+            raise
         final: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
