@@ -1,0 +1,207 @@
+"""HTTP serving load: N concurrent streaming clients over M adapters against `openlora serve`, compared
+with the offline engine (openlora.LLM) on the same workload in the same run.
+
+    python bench/serve_load.py                       # 64 clients, 32 adapters, SmolLM2-135M-shaped model
+    python bench/serve_load.py --model DIR --clients 16 --requests 32 --max-tokens 16   # small run
+
+Adapters are written on the fly: random PEFT-format LoRA weights, r=8 on q_proj and v_proj.
+Every request streams (SSE) `--max-tokens` tokens (ignore_eos) from a random prompt of
+`--prompt-len` token ids, round-robin over the adapters. Prints JSON: requests/s, tokens/s, TTFT and
+inter-token latency p50/p99, and `ratio_vs_offline` = HTTP tokens/s / offline tokens/s (target >= 0.85).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, prompts_32x32, smol_model_dir  # noqa: E402
+
+
+def make_adapters(model_dir: Path, out: Path, n: int, r: int = 8, seed: int = 0) -> list[Path]:
+    """`n` random PEFT LoRA adapters (q_proj, v_proj; A ~ N(0, 0.02), B ~ N(0, 0.02))."""
+    from safetensors.torch import save_file
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
+    outs = {"q_proj": cfg["num_attention_heads"] * head_dim, "v_proj": cfg["num_key_value_heads"] * head_dim}
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    for k in range(n):
+        d = out / f"adapter{k:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i in range(layers):
+            for site, o in outs.items():
+                p = f"base_model.model.model.layers.{i}.self_attn.{site}"
+                tensors[f"{p}.lora_A.weight"] = torch.randn(r, hidden, generator=g) * 0.02
+                tensors[f"{p}.lora_B.weight"] = torch.randn(o, r, generator=g) * 0.02
+        save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (d / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_dir), "r": r,
+            "lora_alpha": 2 * r, "lora_dropout": 0.0, "bias": "none", "target_modules": list(outs),
+            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False}))
+        paths.append(d)
+    return paths
+
+
+def workload(args, vocab: int) -> list[tuple[list[int], str]]:
+    prompts = prompts_32x32(args.requests, args.prompt_len, seed=1)
+    prompts = [[t % vocab for t in p] for p in prompts]
+    return [(p, f"adapter{i % args.adapters:03d}") for i, p in enumerate(prompts)]
+
+
+def engine_options(args) -> dict:
+    return dict(max_num_seqs=args.max_num_seqs, max_loras=args.adapters, kv_cache_memory=args.kv_cache_memory,
+                dtype=args.dtype)
+
+
+def run_offline(args, model: Path, adapters: list[Path], work) -> dict:
+    """The same requests through openlora.LLM (all submitted at once): the ceiling HTTP is compared to."""
+    from openlora import LLM, SamplingParams
+
+    llm = LLM(str(model), **engine_options(args))
+    for p in adapters:
+        llm.register_adapter(p.name, str(p))
+    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    warm = work[:args.adapters]  # one request per adapter: loads every adapter before timing
+    llm.generate([w[0] for w in warm], sp, adapters=[w[1] for w in warm])
+    t = time.perf_counter()
+    outs = llm.generate([w[0] for w in work], sp, adapters=[w[1] for w in work])
+    dt = time.perf_counter() - t
+    toks = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    llm.lora.shutdown()
+    del llm
+    gc.collect()
+    return {"seconds": dt, "tokens": toks, "tokens_per_s": toks / dt, "requests_per_s": len(work) / dt}
+
+
+async def run_http(args, url: str, work) -> dict:
+    import httpx
+
+    sem = asyncio.Semaphore(args.clients)
+    ttft, itl, tokens = [], [], [0]
+
+    async def one(client: httpx.AsyncClient, prompt: list[int], adapter: str) -> None:
+        body = {"model": adapter, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0.0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        async with sem:
+            t0 = time.perf_counter()
+            last = None
+            async with client.stream("POST", url + "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    d = json.loads(line[6:])
+                    if "error" in d:
+                        raise RuntimeError(d["error"])
+                    if d.get("usage"):
+                        tokens[0] += d["usage"]["completion_tokens"]
+                    if d["choices"] and d["choices"][0]["text"]:
+                        now = time.perf_counter()
+                        if last is None:
+                            ttft.append(now - t0)
+                        else:
+                            itl.append(now - last)
+                        last = now
+
+    limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await asyncio.gather(*(one(client, p, a) for p, a in work[:args.adapters]))  # warm-up: every adapter
+        ttft.clear(), itl.clear()
+        tokens[0] = 0
+        t = time.perf_counter()
+        await asyncio.gather(*(one(client, p, a) for p, a in work))
+        dt = time.perf_counter() - t
+    return {"seconds": dt, "tokens": tokens[0], "tokens_per_s": tokens[0] / dt, "requests_per_s": len(work) / dt,
+            "ttft_ms": _pcts(ttft), "itl_ms": _pcts(itl)}
+
+
+def _pcts(xs: list[float]) -> dict:
+    if not xs:
+        return {}
+    s = sorted(xs)
+    return {"p50": 1e3 * s[len(s) // 2], "p99": 1e3 * s[min(len(s) - 1, int(len(s) * 0.99))]}
+
+
+def start_server(args, model: Path, adapter_dir: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "openlora.cli", "--log-level", "WARNING", "serve", "--model", str(model),
+           "--adapter-dir", str(adapter_dir), "--port", str(port), "--max-num-seqs", str(args.max_num_seqs),
+           "--max-loras", str(args.adapters), "--kv-cache-memory", str(args.kv_cache_memory), "--dtype", args.dtype,
+           "--max-waiting", str(args.requests + 16), "--ledger", str(tmp / "ledger.sqlite"),
+           "--node-key", str(tmp / "node_key.json")]
+    if not args.attribution:
+        cmd.append("--no-attribution")
+    env = dict(os.environ, OPENLORA_NODE_KEY_PASSWORD=os.environ.get("OPENLORA_NODE_KEY_PASSWORD", "bench"))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "wb"))
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError((tmp / "server.log").read_text()[-3000:])
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model folder (default: the SmolLM2-135M-shaped bench model)")
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--kv-cache-memory", type=int, default=1 << 30)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--attribution", action="store_true", help="serve with receipts (default off: engine vs engine)")
+    args = ap.parse_args()
+    model = Path(args.model) if args.model else smol_model_dir()
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    with tempfile.TemporaryDirectory(prefix="serve_load_") as td:
+        tmp = Path(td)
+        adapters = make_adapters(model, tmp / "adapters", args.adapters)
+        work = workload(args, vocab)
+        offline = run_offline(args, model, adapters, work)
+        proc, url = start_server(args, model, tmp / "adapters", tmp)
+        try:
+            http = asyncio.run(run_http(args, url, work))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    emit({"bench": "serve_load", "model": str(model), "clients": args.clients, "adapters": args.adapters,
+          "requests": args.requests, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
+          "attribution": args.attribution, "requests_per_s": http["requests_per_s"],
+          "tokens_per_s": http["tokens_per_s"], "ttft_ms": http["ttft_ms"], "itl_ms": http["itl_ms"],
+          "offline_tokens_per_s": offline["tokens_per_s"],
+          "ratio_vs_offline": http["tokens_per_s"] / offline["tokens_per_s"], "target_ratio": 0.85,
+          "http": http, "offline": offline})
+
+
+if __name__ == "__main__":
+    main()

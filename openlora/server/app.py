@@ -1,0 +1,233 @@
+"""The FastAPI app: OpenAI routes, admin routes, receipts, health and metrics; `build_state` wires
+engine, adapters and attribution from command-line options."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from openlora.engine.async_engine import AsyncEngine
+from openlora.errors import AdapterNotFound, InvalidRequest, OpenLoRAError
+from openlora.server.errors import error_body, install_error_handlers
+from openlora.server.metrics import Metrics, snapshot
+from openlora.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                      CompletionResponse, ModelCard, ModelList, RegisterAdapterRequest)
+from openlora.server.serving import create_chat_completion, create_completion
+from openlora.server.state import ReceiptHook, ServerState
+
+log = logging.getLogger("openlora.server")
+
+DEMO_MODEL_ID = "openlora-demo"
+
+
+@dataclass
+class ServeOptions:
+    """What `openlora serve` was asked for (see openlora.server.cli for the flags)."""
+
+    model: str | None = None
+    adapters: list[tuple[str, str]] = field(default_factory=list)  # (name, source)
+    adapter_dirs: list[str] = field(default_factory=list)
+    engine: dict = field(default_factory=dict)  # build_engine_config keyword options
+    max_waiting: int | None = None
+    api_keys: dict[str, str] = field(default_factory=dict)  # key -> key id
+    admin_key: str | None = None
+    attribution: bool = True
+    ledger: str | None = None
+    node_key: str | None = None
+    grace_period: float = 30.0
+
+
+def model_id_for(model: str | None) -> str:
+    """The id clients put in `model` for the base model: folder name, hub id, or the demo's."""
+    if model is None:
+        return DEMO_MODEL_ID
+    return Path(model).name if Path(model).is_dir() else model
+
+
+def build_state(opts: ServeOptions) -> ServerState:
+    """Load the model, register adapters (and their manifests), open the attribution ledger."""
+    from openlora.engine.llm_engine import LLMEngine
+    from openlora.llm import build_engine_config
+    from openlora.lora.manager import LoRAManager
+
+    adapters = list(opts.adapters)
+    model = opts.model
+    if model is None:
+        from openlora.demo import ensure_demo_adapters, ensure_demo_model
+
+        model_dir = ensure_demo_model()
+        model = str(model_dir)
+        adapters = [(n, str(p)) for n, p in ensure_demo_adapters(model_dir).items()] + adapters
+        model_id = DEMO_MODEL_ID
+    else:
+        model_id = model_id_for(model)
+    for d in opts.adapter_dirs:
+        found = sorted(p for p in Path(d).iterdir() if (p / "adapter_config.json").is_file())
+        if not found:
+            log.warning("--adapter-dir %s holds no adapter (no subfolder with adapter_config.json)", d)
+        adapters += [(p.name, str(p)) for p in found]
+
+    config = build_engine_config(model, **opts.engine)
+    lora = LoRAManager(config)
+    engine = LLMEngine(config, lora_manager=lora)
+    log.info("model %s (served as %r) on %s, dtype %s, LoRA backend %s", config.model.path, model_id,
+             config.device, config.dtype, getattr(lora.backend, "name", type(lora.backend).__name__))
+    metrics = Metrics()
+    state = ServerState(engine=AsyncEngine(engine, max_waiting=opts.max_waiting), lora=lora, model_id=model_id,
+                        metrics=metrics, api_keys=dict(opts.api_keys), admin_key=opts.admin_key,
+                        grace_period=opts.grace_period)
+    if opts.attribution:
+        state.attribution = _open_attribution(opts, model_id, engine.base_model_hash)
+        state.receipts = ReceiptHook(state.attribution, metrics)
+        engine.usage_listeners.append(state.receipts)
+    for name, source in adapters:
+        try:
+            register_adapter(state, name, source)
+        except OpenLoRAError as e:  # one bad adapter must not keep the node down
+            log.error("adapter %s (%s) not registered: %s", name, source, e)
+            continue
+        log.info("adapter %s <- %s", name, source)
+    return state
+
+
+def _open_attribution(opts: ServeOptions, model_id: str, base_hash: str):
+    from openlora.attribution import AttributionService, NodeIdentity
+    from openlora.attribution.identity import PASSWORD_ENV
+    from openlora.config import cache_dir, env
+
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    if env(PASSWORD_ENV):
+        ident = NodeIdentity.load_or_create(opts.node_key or root / "node_key.json")
+    else:  # NOTE: a newcomer's first `openlora serve` must work; say loudly what that costs
+        log.warning("%s is not set: using an ephemeral node key (receipts stay verifiable, but this node id "
+                    "changes at every start); set it to keep the key in %s", PASSWORD_ENV,
+                    opts.node_key or root / "node_key.json")
+        ident = NodeIdentity.create()
+    ledger = opts.ledger or root / "ledger.sqlite"
+    log.info("attribution: node %s, ledger %s", ident.address, ledger)
+    return AttributionService(ledger, ident, base_model_id=model_id, base_model_hash=base_hash)
+
+
+def register_adapter(state: ServerState, name: str, source: str, *, pinned: bool = False, load: bool = False,
+                     manifest: dict | None = None) -> None:
+    """Register an adapter and its attribution manifest (given, or attribution.json beside it)."""
+    if name == state.model_id:
+        raise InvalidRequest(f"adapter id {name!r} is the base model's id")
+    if state.attribution is not None:  # validate the manifest before the adapter becomes usable
+        if manifest is not None:
+            state.attribution.register_manifest(name, manifest)
+        elif Path(source).is_dir():
+            state.attribution.register_manifest(name, source)
+    state.lora.register(name, source, pinned=pinned, load=load)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The ASGI app for `state` (the engine thread starts with the app's lifespan)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.engine.start()
+        yield
+        # uvicorn already waited (up to the grace period) for open requests; abort what is left.
+        await state.engine.shutdown(0.0)
+        if state.receipts is not None:
+            await asyncio.to_thread(state.receipts.shutdown)
+        if state.attribution is not None:
+            state.attribution.close()
+        state.lora.shutdown()
+
+    app = FastAPI(title="OpenLoRA", version="0.1", lifespan=lifespan,
+                  description="OpenAI-compatible multi-LoRA serving with proof of attribution.")
+    app.state.openlora = state
+    install_error_handlers(app)
+    app.add_middleware(_StatusCounter, metrics=state.metrics)
+
+    @app.post("/v1/completions", response_model=CompletionResponse)
+    async def completions(body: CompletionRequest, raw: Request):
+        return await create_completion(body, raw, state)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+        return await create_chat_completion(body, raw, state)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models(raw: Request) -> ModelList:
+        state.key_id(raw)
+        lora = state.lora
+        cards = [ModelCard(id=state.model_id, created=state.created)]
+        with lora.lock:
+            entries = [e for e in lora.entries.values() if not e.unregistered]
+            cards += [ModelCard(id=e.adapter_id, created=state.created, parent=state.model_id,
+                                state=lora.state_of(e), pinned=e.pinned) for e in entries]
+        return ModelList(data=cards)
+
+    @app.post("/v1/adapters", response_model=ModelCard)
+    async def add_adapter(body: RegisterAdapterRequest, raw: Request) -> ModelCard:
+        state.require_admin(raw)
+        # load=True parses the files now (blocking disk/network: a worker thread) so a bad adapter is a 4xx/503 here.
+        await asyncio.to_thread(register_adapter, state, body.id, body.source, pinned=body.pinned, load=True,
+                                manifest=body.manifest)
+        log.info("adapter %s registered at runtime <- %s", body.id, body.source)
+        e = state.lora.get(body.id)
+        return ModelCard(id=body.id, created=state.created, parent=state.model_id, state=state.lora.state_of(e),
+                         pinned=e.pinned)
+
+    @app.delete("/v1/adapters/{adapter_id}")
+    async def delete_adapter(adapter_id: str, raw: Request) -> dict:
+        state.require_admin(raw)
+        # On the engine thread: the step must not see an entry vanish halfway.
+        await state.engine.call(lambda e: state.lora.unregister(adapter_id))
+        log.info("adapter %s unregistered", adapter_id)
+        return {"id": adapter_id, "object": "adapter", "deleted": True}
+
+    @app.get("/v1/receipts/{receipt_id}")
+    async def receipt(receipt_id: str, raw: Request) -> dict:
+        state.key_id(raw)
+        if state.attribution is None:
+            raise AdapterNotFound("attribution is disabled on this server (--no-attribution)")
+        return await asyncio.to_thread(state.attribution.get_receipt, receipt_id)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.engine.draining:
+            return JSONResponse(error_body("shutting down", 503), status_code=503)
+        return JSONResponse({"status": "ok", "model": state.model_id})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        snap = await state.engine.call(snapshot)
+        snap["step_errors"] = state.engine.step_errors
+        return Response(state.metrics.render(snap), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class _StatusCounter:
+    """Pure ASGI middleware counting responses by route and status (streaming-safe)."""
+
+    ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapters", "/v1/receipts")
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        route = next((r for r in self.ROUTES if path.startswith(r)), "other")
+
+        async def counting_send(msg) -> None:
+            if msg["type"] == "http.response.start":
+                self.metrics.requests.labels(route, str(msg["status"])).inc()
+            await send(msg)
+
+        await self.app(scope, receive, counting_send)

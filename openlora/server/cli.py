@@ -1,0 +1,126 @@
+"""`openlora serve`: the OpenAI-compatible server on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import re
+import signal
+
+log = logging.getLogger("openlora.server")
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'1GiB', '512MiB', '2g', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1GiB, 512MiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _pair(text: str) -> tuple[str, str]:
+    name, sep, source = text.partition("=")
+    if not sep or not name or not source:
+        raise argparse.ArgumentTypeError(f"expected NAME=SOURCE, got {text!r}")
+    return name, source
+
+
+def api_key_id(key: str) -> str:
+    """The id a bare API key is known by (payer / manifest access lists): a short hash, never the key."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def add_serve_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                       description="OpenAI-compatible multi-LoRA server. With no --model, serves the built-in "
+                                   "demo model with its demo adapters.")
+    p.add_argument("--model", help="model folder or hub id (default: the built-in demo model)")
+    p.add_argument("--adapter", action="append", type=_pair, default=[], metavar="NAME=SOURCE",
+                   help="register an adapter (folder, hub id[@rev] or s3:// URI); repeatable")
+    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                   help="register every subfolder of DIR holding adapter_config.json; repeatable")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-loras", type=int, default=32, help="adapters resident on the device at once")
+    p.add_argument("--max-cpu-loras", type=int, default=128, help="adapters cached in host memory")
+    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=1 << 30, help="e.g. 1GiB, 512MiB or bytes")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--max-waiting", type=int, default=4096, help="queued requests beyond this get 429")
+    p.add_argument("--api-key", action="append", default=[], metavar="[ID=]KEY",
+                   help="require this bearer key on /v1 routes; repeatable. ID names the key as payer and in "
+                        "adapter access lists (default: key-<sha256 prefix>)")
+    p.add_argument("--admin-key", help="bearer key for POST/DELETE /v1/adapters (admin API off without it)")
+    p.add_argument("--ledger", help="attribution ledger (default: <cache>/ledger.sqlite)")
+    p.add_argument("--node-key", help="node keystore (default: <cache>/node_key.json; password from "
+                                      "OPENLORA_NODE_KEY_PASSWORD)")
+    p.add_argument("--no-attribution", action="store_true", help="no receipts, no access checks")
+    p.add_argument("--grace-period", type=float, default=30.0,
+                   help="seconds in-flight requests may run after SIGTERM before they are aborted")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from openlora.server.app import ServeOptions, build_state, create_app
+
+    keys = {}
+    for k in args.api_key:
+        kid, sep, key = k.partition("=")
+        keys[key if sep else kid] = kid if sep else api_key_id(kid)
+    opts = ServeOptions(
+        model=args.model, adapters=args.adapter, adapter_dirs=args.adapter_dir,
+        engine=dict(dtype=args.dtype, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+                    max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
+                    max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                    kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
+                    num_threads=args.num_threads, max_waiting=args.max_waiting),
+        max_waiting=args.max_waiting, api_keys=keys, admin_key=args.admin_key,
+        attribution=not args.no_attribution, ledger=args.ledger, node_key=args.node_key,
+        grace_period=args.grace_period)
+    state = build_state(opts)
+    app = create_app(state)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=args.grace_period + 5, log_config=None)
+    server = _DrainingServer(config, state)
+    log.info("listening on http://%s:%d (model %r, %d adapters%s)", args.host, args.port, state.model_id,
+             len(state.lora.entries), "" if keys else ", no API key")
+    server.run()
+    log.info("server stopped")
+    return 0
+
+
+class _DrainingServer:
+    """uvicorn.Server whose exit signal also stops admission at once (keep-alive connections could
+    otherwise still queue new requests while uvicorn waits for the in-flight ones)."""
+
+    def __new__(cls, config, state):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                if not state.engine.draining:
+                    log.info("signal %s: draining (grace period %.0fs)", sig, state.grace_period)
+                    # Our own drain aborts what outlives the grace period with a clean error; uvicorn's
+                    # timeout (a few seconds longer) is only the backstop that cuts connections.
+                    loop = state.engine.loop
+                    if loop is not None:
+                        loop.call_soon_threadsafe(lambda: loop.create_task(state.engine.drain(state.grace_period)))
+                state.engine.draining = True
+                super().handle_exit(sig, frame)
+                # uvicorn re-raises captured signals after shutdown (exit status -15); a SIGTERM that
+                # drained cleanly is a normal stop for supervisors, so exit 0 instead.
+                if sig == signal.SIGTERM:
+                    self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+        return Server(config)

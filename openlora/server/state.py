@@ -1,0 +1,124 @@
+"""What the routes share: the async engine, adapter manager, attribution, keys and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from threading import Lock
+from typing import Any
+
+from fastapi import Request
+
+from openlora.engine.async_engine import AsyncEngine
+from openlora.outputs import UsageEvent
+from openlora.server.errors import Unauthorized
+from openlora.server.metrics import Metrics
+
+log = logging.getLogger("openlora.server")
+
+
+class ReceiptHook:
+    """Engine usage listener: records each UsageEvent through the AttributionService on a worker
+    thread (the ledger commit blocks on disk) and resolves the request's future with the receipt
+    summary, so the route can put `{receipt_id, fee, splits}` in its response."""
+
+    def __init__(self, service: Any, metrics: Metrics, workers: int = 4) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attribution")
+        self._pending: dict[str, Future] = {}
+        self._lock = Lock()
+
+    def expect(self, request_id: str) -> Future:
+        """Called before the request is queued: the future its summary will arrive on."""
+        fut: Future = Future()
+        with self._lock:
+            self._pending[request_id] = fut
+        return fut
+
+    def discard(self, request_id: str) -> None:
+        """The request was never queued (rejected): no event will come."""
+        with self._lock:
+            self._pending.pop(request_id, None)
+
+    def __call__(self, event: UsageEvent) -> None:  # engine thread: must not block
+        with self._lock:
+            fut = self._pending.pop(event.request_id, None)
+        self.pool.submit(self._record, event, fut)
+
+    def _record(self, event: UsageEvent, fut: Future | None) -> None:
+        try:
+            summary = self.service.record(event).summary()
+        except Exception as e:  # the request already ran; report and keep going
+            log.exception("recording the receipt of %s failed", event.request_id)
+            if fut is not None:
+                fut.set_exception(e)
+            return
+        self.metrics.observe_receipt([a.adapter_id for a in event.adapters], int(summary["fee"]))
+        if fut is not None:
+            fut.set_result(summary)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+@dataclass
+class ServerState:
+    """Everything the routes need, built by `openlora.server.app.build_state`."""
+
+    engine: AsyncEngine
+    lora: Any  # LoRAManager
+    model_id: str
+    metrics: Metrics
+    attribution: Any = None  # AttributionService, or None with --no-attribution
+    receipts: ReceiptHook | None = None
+    api_keys: dict[str, str] = field(default_factory=dict)  # key -> key id
+    admin_key: str | None = None
+    grace_period: float = 30.0
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
+
+    def key_id(self, request: Request) -> str | None:
+        """The caller's API-key id (None when the server runs without keys). Raises 401."""
+        if not self.api_keys:
+            return None
+        tok = _bearer(request)
+        if tok is not None:
+            for key, kid in self.api_keys.items():
+                if hmac.compare_digest(tok.encode(), key.encode()):
+                    return kid
+            if self.admin_key and hmac.compare_digest(tok.encode(), self.admin_key.encode()):
+                return "admin"
+        raise Unauthorized("invalid or missing API key (send 'Authorization: Bearer <key>')")
+
+    def require_admin(self, request: Request) -> None:
+        """Admin routes: 401 unless the admin key is presented (also 401 when none is configured)."""
+        tok = _bearer(request)
+        if not self.admin_key:
+            raise Unauthorized("the admin API is disabled: start the server with --admin-key")
+        if tok is None or not hmac.compare_digest(tok.encode(), self.admin_key.encode()):
+            raise Unauthorized("invalid or missing admin key")
+
+    async def receipt_summary(self, fut: Future | None, timeout: float = 30.0) -> dict | None:
+        """Wait for a request's receipt summary; None (logged) if attribution failed."""
+        if fut is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        except Exception as e:
+            log.warning("no receipt for a request: %s", e)
+            return None
+
+
+def _bearer(request: Request) -> str | None:
+    h = request.headers.get("authorization", "")
+    if h[:7].lower() == "bearer ":
+        return h[7:].strip()
+    return request.headers.get("x-api-key")
