@@ -78,6 +78,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._step_no = 0
+        self._last_admit: dict[tuple, int] = {}  # adapter mix -> step of its last admission (fairness)
 
     # ---- queue management -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -156,11 +158,35 @@ class Scheduler:
 
         # 2. Admit waiting requests FCFS (skipping, not blocking on, requests whose adapter is not
         # resident yet). No admissions in a step that had to preempt.
-        skipped: list[Request] = []
-        while self.waiting and budget > 0 and not out.preempted:
-            if len(self.running) >= self.config.max_num_seqs:
+        # Fairness across adapters: requests whose adapter mix has fewer running requests go first
+        # (stable sort: FCFS within a mix, and pure FCFS without adapters), only while more adapters
+        # want slots than exist (the gate's optional `contended()`); otherwise plain FCFS. Otherwise a flood for two
+        # adapters keeps every freed sequence slot and a third adapter's requests never reach the gate.
+        self._step_no += 1
+        contended = getattr(self.gate, "contended", None)
+        if self.gate is not None and len(self.waiting) > 1 and (contended is None or contended()):
+            share: dict[tuple, int] = {}
+            for r in self.running:
+                share[r.lora_key] = share.get(r.lora_key, 0) + 1
+            last = self._last_admit
+            if len(last) > 4 * (len(self.waiting) + len(self.running)) + 64:  # forget departed mixes
+                live = {r.lora_key for r in (*self.waiting, *self.running)}
+                self._last_admit = last = {k: v for k, v in last.items() if k in live}
+            # Fewest running first, then the mix admitted longest ago (never: first): round robin.
+            order = sorted(self.waiting, key=lambda r: (share.get(r.lora_key, 0), last.get(r.lora_key, -1)))
+        else:
+            order = list(self.waiting)
+        # Adapter mixes refused this step: later requests with the same mix are skipped without
+        # asking the gate again (refusals hold for the whole step; with thousands of queued requests
+        # this keeps the admission scan a set lookup per request). Skipping keeps FCFS per adapter.
+        blocked: set[tuple] = set()
+        removed: set[str] = set()  # admitted or failed in this step
+        for req in order:
+            if budget <= 0 or out.preempted or len(self.running) >= self.config.max_num_seqs:
                 break
-            req = self.waiting.popleft()
+            key = req.lora_key
+            if key and key in blocked:
+                continue
             if self.gate is not None:
                 err = self.gate.failure(req)
                 if err is not None:
@@ -169,25 +195,28 @@ class Scheduler:
                     req.status = RequestStatus.FINISHED_ERROR
                     req.error = err
                     out.failed.append(req)
+                    removed.add(req.request_id)
                     continue
                 if not self.gate.acquire(req):
-                    skipped.append(req)
+                    blocked.add(key)
                     continue
             hit_blocks, num_hit = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(req, n, hit_blocks):
                 if self.gate is not None:
                     self.gate.requeue(req)
-                skipped.append(req)
                 break  # out of blocks: later requests would not fit either (FCFS)
             req.num_computed_tokens = num_hit
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            removed.add(req.request_id)
+            self._last_admit[key] = self._step_no
             out.scheduled.append(ScheduledRequest(req, n, num_hit, self.kv.block_ids(req.request_id)))
             budget -= n
-        self.waiting.extendleft(reversed(skipped))
+        if removed:  # the rest keep their arrival order
+            self.waiting = deque(r for r in self.waiting if r.request_id not in removed)
         out.num_batched_tokens = sum(s.num_new_tokens for s in out.scheduled)
         return out
 
