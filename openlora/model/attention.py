@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from openlora.kernels import attention_cpu
 from openlora.worker.forward_context import AttentionMetadata
 
 
@@ -38,7 +39,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     kvh = k.shape[1]
     out = torch.empty(T, H, d, dtype=q.dtype, device=q.device)
     nd = meta.num_decode
-    if nd:
+    if nd and meta.fused_decode:
+        # C++ flash-decoding over the block table: no gathered copy of K/V.
+        attention_cpu.paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_table,
+                                             meta.decode_seq_lens, scale, meta.window, out=out[:nd])
+    elif nd:
         nb = k_cache.shape[0]
         flat = meta.decode_block_table.view(-1)  # [nd * max_blocks]
         # index_select on [num_blocks, block_size * KVH * d] rows: one contiguous copy per block.

@@ -30,8 +30,11 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [T]: block_id * block_size + offset of each new token
     num_decode: int
     decode_block_table: torch.Tensor | None  # int64 [num_decode, max_blocks] (padded with 0)
-    decode_mask: torch.Tensor | None  # bool [num_decode, 1, 1, max_blocks * block_size]
+    decode_mask: torch.Tensor | None  # bool [num_decode, 1, 1, max_blocks * block_size] (SDPA path)
     prefills: list[PrefillSeq] = field(default_factory=list)
+    decode_seq_lens: torch.Tensor | None = None  # int64 [num_decode]: keys at [0, len) are visible
+    window: int | None = None  # sliding window (keys > position - window); None = full causal
+    fused_decode: bool = False  # decode rows use the C++ paged kernel (reads K/V in place)
 
 
 @dataclass

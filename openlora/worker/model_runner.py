@@ -9,6 +9,7 @@ import torch
 
 from openlora.config import EngineConfig
 from openlora.core.scheduler import ScheduledRequest, SchedulerOutput
+from openlora.kernels import attention_cpu
 from openlora.model.attention import causal_mask
 from openlora.model.llama import LlamaModel, load_model
 from openlora.model.rope import rope_cos_sin
@@ -58,6 +59,9 @@ class ModelRunner:
         self.kv = torch.zeros(m.num_layers, 2, num_blocks, bs, m.num_kv_heads, m.head_dim, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(m.num_layers)]
         self.sampler = Sampler()
+        # Decode attention backend, chosen once: the C++ paged kernel on CPU when it builds.
+        self.fused_decode = self.device.type == "cpu" and attention_cpu.available()
+        log.info("decode attention: %s", "C++ paged kernel" if self.fused_decode else "gather + SDPA")
         self.generators: dict[str, torch.Generator] = {}
         self.lora = lora  # openlora.lora.manager.LoRAManager or None
         # Tests set this to a list to receive (request_id, fp32 logits [vocab]) of every sampled row.
@@ -115,21 +119,23 @@ class ModelRunner:
                     mask=causal_mask(start, n, window, dev),
                 ))
         nd = len(decode_tables)
-        table = mask = None
+        table = mask = lens = None
         if nd:
             width = max(len(t) for t in decode_tables)
             table = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev)
-            lens = torch.tensor(decode_lens, device=dev)
-            kpos = torch.arange(width * bs, device=dev)[None, :]
-            m = kpos < lens[:, None]
-            if window is not None:
-                m &= kpos >= (lens[:, None] - window)
-            mask = m[:, None, None, :]
+            lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
+            if not self.fused_decode:  # SDPA path: padding (and window) mask over gathered keys
+                kpos = torch.arange(width * bs, device=dev)[None, :]
+                m = kpos < lens[:, None]
+                if window is not None:
+                    m &= kpos >= (lens[:, None] - window)
+                mask = m[:, None, None, :]
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
         cos, sin = rope_cos_sin(self.model.inv_freq, positions, self.dtype)
         attn = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decode=nd, decode_block_table=table, decode_mask=mask, prefills=prefills,
+            decode_seq_lens=lens, window=window, fused_decode=self.fused_decode,
         )
         lora_ctx = None
         if self.lora is not None:

@@ -95,3 +95,17 @@ def test_bfloat16_close_to_hf(tiny_model_factory):
         ref = hf(torch.tensor([PROMPTS[0]])).logits[0, -1].float()
     # bf16 has 8 mantissa bits; the two implementations round differently in places.
     torch.testing.assert_close(cap[0][1], ref, atol=0.05, rtol=0.02)
+
+
+def test_gather_sdpa_decode_path_matches_hf(tiny_model_factory):
+    """The portable decode path (gather + SDPA, used on GPUs or when the C++ kernel is missing)."""
+    path = tiny_model_factory("mistral")
+    llm = LLM(str(path), dtype="float32", block_size=4, num_kv_blocks=128)
+    llm.engine.runner.fused_decode = False
+    cap: list = []
+    llm.engine.runner.capture_logits = cap
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    rows: dict[int, list] = {}
+    for rid, row in cap:
+        rows.setdefault(int(rid.split("-")[1]), []).append(row)
+    check_against_hf(load_hf(path), PROMPTS, outs, rows)
