@@ -11,17 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from openlora.config import ModelConfig
+from openlora.kernels import fused_ops
 from openlora.model.attention import paged_attention, write_kv
+from openlora.model.linear import Linear, linear_backend
 from openlora.model.loader import CheckpointReader
-from openlora.model.rope import apply_rope, inv_frequencies
+from openlora.model.rope import inv_frequencies
 from openlora.worker.forward_context import ForwardContext, LoRAContext
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32 and cast back (as transformers does)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 def _lora(lc: LoRAContext | None, site: str, layer: int, y: torch.Tensor, x: torch.Tensor) -> None:
@@ -42,38 +37,44 @@ class DecoderLayer(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         e = lambda *s: nn.Parameter(torch.empty(*s, dtype=dtype), requires_grad=False)  # noqa: E731
         self.input_norm = e(h)
-        self.qkv_w = e(q + 2 * kv, h)
-        self.qkv_b = e(q + 2 * kv) if cfg.attention_bias else None
-        self.o_w = e(h, q)
         self.post_norm = e(h)
-        self.gate_up_w = e(2 * i, h)
-        self.down_w = e(h, i)
+        # Fused projections (openlora.model.linear.Linear), set by load_weights.
+        self.qkv: Linear | None = None  # [h] -> [q + 2kv] (q/k/v bias for Qwen2)
+        self.o: Linear | None = None  # [q] -> [h]
+        self.gate_up: Linear | None = None  # [h] -> [2i]
+        self.down: Linear | None = None  # [i] -> [h]
 
-    def forward(self, h: torch.Tensor, ctx: ForwardContext, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, resid: torch.Tensor | None, ctx: ForwardContext,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [T, hidden]: the residual stream, updated in place; resid: the previous layer's MLP
+        output still to be added (None for layer 0). Returns (h, down); the next layer adds down."""
         T = h.shape[0]
         q_sz, kv_sz, lc, li = self.q_size, self.kv_size, ctx.lora, self.idx
-        x = rms_norm(h, self.input_norm, self.eps)
-        qkv = F.linear(x, self.qkv_w, self.qkv_b)  # [T, q + 2kv]
+        if resid is None:
+            x = fused_ops.rms_norm(h, self.input_norm, self.eps)
+        else:
+            x = fused_ops.add_rms_norm_(h, resid, self.input_norm, self.eps)  # h += resid
+        qkv = self.qkv(x)  # [T, q + 2kv]
         _lora(lc, "q_proj", li, qkv[:, :q_sz], x)
         _lora(lc, "k_proj", li, qkv[:, q_sz:q_sz + kv_sz], x)
         _lora(lc, "v_proj", li, qkv[:, q_sz + kv_sz:], x)
-        # Rotate q and k heads in one go: [T, H + KVH, d].
-        qk = apply_rope(qkv[:, :q_sz + kv_sz].view(T, self.num_heads + self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+        # Rotate the q and k heads in place in the qkv buffer: [T, H + KVH, d].
+        qk = fused_ops.rope_(qkv[:, :q_sz + kv_sz].view(T, self.num_heads + self.num_kv_heads, self.head_dim),
+                             ctx.cos, ctx.sin)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, q_sz + kv_sz:].view(T, self.num_kv_heads, self.head_dim)
         write_kv(k_cache, v_cache, k, v, ctx.attn.slot_mapping)
         o = paged_attention(q, k, v, k_cache, v_cache, ctx.attn, self.scale)  # [T, q]
-        attn_out = F.linear(o, self.o_w)
+        attn_out = self.o(o)
         _lora(lc, "o_proj", li, attn_out, o)
-        h = h + attn_out
-        x = rms_norm(h, self.post_norm, self.eps)
-        gu = F.linear(x, self.gate_up_w)  # [T, 2i]
+        x = fused_ops.add_rms_norm_(h, attn_out, self.post_norm, self.eps)  # h += attn_out
+        gu = self.gate_up(x)  # [T, 2i]
         _lora(lc, "gate_proj", li, gu[:, :self.inter], x)
         _lora(lc, "up_proj", li, gu[:, self.inter:], x)
-        act = F.silu(gu[:, :self.inter]) * gu[:, self.inter:]
-        down = F.linear(act, self.down_w)
+        act = fused_ops.silu_mul(gu)  # [T, i]
+        down = self.down(act)
         _lora(lc, "down_proj", li, down, act)
-        return h + down
+        return h, down
 
 
 class LlamaModel(nn.Module):
@@ -88,23 +89,28 @@ class LlamaModel(nn.Module):
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
         self.lm_head = self.embed if cfg.tie_word_embeddings else nn.Parameter(
             torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.lm_head_proj: Linear | None = None  # set by load_weights
         self.register_buffer("inv_freq", inv_frequencies(cfg), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden] (normed)."""
-        h = F.embedding(input_ids, self.embed)
+        h = F.embedding(input_ids, self.embed)  # a fresh tensor: safe to update in place
+        resid: torch.Tensor | None = None
         for layer, (kc, vc) in zip(self.layers, kv_caches):
-            h = layer(h, ctx, kc, vc)
-        return rms_norm(h, self.norm, self.cfg.rms_norm_eps)
+            h, resid = layer(h, resid, ctx, kc, vc)
+        if resid is None:  # a model with no layers
+            return fused_ops.rms_norm(h, self.norm, self.cfg.rms_norm_eps)
+        return fused_ops.add_rms_norm_(h, resid, self.norm, self.cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> fp32 [N, vocab] (matmul in the model dtype, as transformers does)."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head_proj(hidden).float()
 
     @torch.no_grad()
     def load_weights(self, reader: CheckpointReader) -> None:
         """Copy checkpoint tensors in, fusing q/k/v and gate/up."""
         g = reader.get
+        backend = linear_backend(self.embed.device, self.dtype)
         self.embed.copy_(g("model.embed_tokens.weight"))
         self.norm.copy_(g("model.norm.weight"))
         if not self.cfg.tie_word_embeddings:
@@ -113,12 +119,15 @@ class LlamaModel(nn.Module):
             p = f"model.layers.{i}."
             layer.input_norm.copy_(g(p + "input_layernorm.weight"))
             layer.post_norm.copy_(g(p + "post_attention_layernorm.weight"))
-            layer.qkv_w.copy_(torch.cat([g(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
-            if layer.qkv_b is not None:
-                layer.qkv_b.copy_(torch.cat([g(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
-            layer.o_w.copy_(g(p + "self_attn.o_proj.weight"))
-            layer.gate_up_w.copy_(torch.cat([g(p + "mlp.gate_proj.weight"), g(p + "mlp.up_proj.weight")]))
-            layer.down_w.copy_(g(p + "mlp.down_proj.weight"))
+            dev = self.embed.device
+            bias = (torch.cat([g(p + f"self_attn.{n}_proj.bias") for n in "qkv"]).to(dev)
+                    if self.cfg.attention_bias else None)
+            layer.qkv = Linear(torch.cat([g(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).to(dev), bias, backend)
+            layer.o = Linear(g(p + "self_attn.o_proj.weight").to(dev), None, backend)
+            layer.gate_up = Linear(torch.cat([g(p + "mlp.gate_proj.weight"), g(p + "mlp.up_proj.weight")]).to(dev),
+                                   None, backend)
+            layer.down = Linear(g(p + "mlp.down_proj.weight").to(dev), None, backend)
+        self.lm_head_proj = Linear(self.lm_head.detach(), None, backend)
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaModel:

@@ -1,0 +1,163 @@
+"""Fused elementwise ops of the decoder layer on the CPU (C++ extension, torch-composite fallback).
+
+Semantics (each fused op equals the torch composite of the same name below, `*_ref`):
+
+    rms_norm(x [T, h], weight [h], eps) -> [T, h]
+        xf = x.float(); xf = xf * rsqrt(mean(xf^2, -1) + eps); weight * xf.to(x.dtype)
+    add_rms_norm_(h [T, h], delta [T, h], weight, eps) -> [T, h]
+        h += delta (in place, rounded to h's dtype like `h + delta`); then rms_norm(h, weight, eps)
+    rope_(t [T, heads, d], cos [T, d], sin [T, d]) -> t (rotated in place)
+        rot = cat(-t[..., d/2:], t[..., :d/2]); t = t * cos[:, None] + rot * sin[:, None]
+    silu_mul(gu [T, 2i]) -> [T, i]
+        silu(gu[:, :i]) * gu[:, i:]
+
+fp32 or bf16, all operands of one call in the same dtype; every last dim contiguous, row (and head)
+strides free: `delta` may be a column slice, `t` a head view of a column slice of the fused qkv buffer.
+
+Exactness: the kernel replays torch's rounding steps (bf16: widen, compute in fp32, round to nearest even
+once per torch op; RMSNorm's sum of squares in ATen's cascade-sum order; SiLU with the same Sleef exp as
+ATen's AVX-512 kernels), so on an AVX-512 torch build all four ops are bit-identical to the composites in
+fp32 and bf16 (tests/kernels/test_fused_ops.py checks equality). On other builds (ATen AVX2, no AVX-512
+in the extension) the sum order / exp may differ: fp32 stays within 1e-6 relative, bf16 within 1 ulp.
+
+NOTE: the point is call overhead, not FLOPs: at batch 32 the composites cost 6 (rms_norm), ~7 (RoPE),
+2 (silu * mul) and 1 (residual add) torch ops of ~15-20 us each; the fused ops are one call each.
+Small calls run on one thread (below `min_parallel_elems` elements the OpenMP fork/join costs more than
+the work; bench/fused_ops_micro.py measures the threshold).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from openlora.config import cache_dir
+
+logger = logging.getLogger("openlora.kernels")
+
+_CSRC = Path(__file__).resolve().parent / "csrc"
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension() -> ModuleType:
+    """Compile (first use only; cached under cache_dir()/torch_extensions) and load the extension.
+
+    The module name carries a hash of the CPU flags and torch version (the binary is -march=native);
+    cpp_extension.load rebuilds when the source changes. Raises if it cannot be built.
+    -ffp-contract=off: torch rounds t * cos and rot * sin separately; an FMA would not.
+    """
+    from torch.utils import cpp_extension
+
+    from openlora.kernels.cpu import _cpu_tag
+
+    name = f"openlora_fused_ops_{_cpu_tag()}"
+    build_dir = cache_dir() / "torch_extensions" / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("loading C++ fused ops extension %s (compiled on first use in %s)", name, build_dir)
+    return cpp_extension.load(
+        name=name,
+        sources=[str(_CSRC / "fused_ops_cpu.cpp")],
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        verbose=False,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether the C++ kernels can be used (built and loaded); logs the reason once when they cannot."""
+    try:
+        load_extension()
+        return True
+    except Exception as e:  # noqa: BLE001 - any build failure means: use the torch composites, and say why
+        msg = str(e).strip()
+        logger.warning("C++ fused ops unavailable (%s: %s); using torch composites",
+                       type(e).__name__, msg.splitlines()[-1] if msg else "")
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _ext() -> ModuleType | None:
+    """The loaded extension, or None when it cannot be built (then every op runs its composite)."""
+    return load_extension() if available() else None
+
+
+# --- fused entry points -----------------------------------------------------------------------------------
+# NOTE: the extension checks device, dtype, shapes and strides itself and returns None (rope_: False) when
+# its inputs are outside its domain; the composite then runs (and raises the errors). Checking in Python
+# cost ~5 us per call, about twice the call itself.
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [T, h] (row stride free) with weight [h] -> new contiguous [T, h] (see module doc)."""
+    ext = _ext()
+    if ext is not None:
+        out = ext.rms_norm(x, weight, eps)
+        if out is not None:
+            return out
+    return rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm_(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """h += delta in place (h, delta [T, hd]), then return rms_norm(h, weight, eps) as a new [T, hd]."""
+    ext = _ext()
+    if ext is not None:
+        out = ext.add_rms_norm_(h, delta, weight, eps)
+        if out is not None:
+            return out
+    h.add_(delta)
+    return rms_norm_ref(h, weight, eps)
+
+
+def rope_(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate t [T, heads, d] (a view; row/head strides free) in place with cos/sin [T, d]; returns t."""
+    ext = _ext()
+    if ext is None or not ext.rope_(t, cos, sin):
+        t.copy_(rope_ref(t, cos, sin))
+    return t
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gu[:, :i]) * gu[:, i:] for gu [T, 2i] (row stride free) -> new contiguous [T, i]."""
+    ext = _ext()
+    if ext is not None:
+        out = ext.silu_mul(gu)
+        if out is not None:
+            return out
+    return silu_mul_ref(gu)
+
+
+def set_min_parallel_elems(n: int) -> None:
+    """Calls touching fewer than n elements (rows x row length) run on the calling thread (bench knob)."""
+    ext = _ext()
+    if ext is not None:
+        ext.set_min_parallel_elems(int(n))
+
+
+# --- torch composites: the fallback and the tests' oracle (as openlora/model/llama.py and rope.py) -------
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and cast back (as transformers does)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, d]; cos/sin: [T, d] -> new [T, heads, d]."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+def silu_mul_ref(gu: torch.Tensor) -> torch.Tensor:
+    """gu [T, 2i] -> silu(gate) * up [T, i]."""
+    i = gu.shape[-1] // 2
+    return F.silu(gu[:, :i]) * gu[:, i:]
