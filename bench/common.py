@@ -48,17 +48,16 @@ def prompts_32x32(n: int = 32, length: int = 32, seed: int = 0) -> list[list[int
 
 
 def measure_machine(dtype: torch.dtype) -> dict:
-    """Memory bandwidth (1 GiB copy, read+write bytes) and matmul throughput (2048^3) in `dtype`."""
+    """Read bandwidth (sum over 1 GiB, best of 5) and matmul throughput (2048^3) in `dtype`."""
     x = torch.empty(1 << 28, dtype=torch.float32)  # 1 GiB
     x.fill_(1.0)
-    y = torch.empty_like(x)
     best = float("inf")
-    for _ in range(3):
+    for _ in range(5):
         t = time.perf_counter()
-        y.copy_(x)
+        x.sum()
         best = min(best, time.perf_counter() - t)
-    bw = 2 * x.numel() * 4 / best
-    del x, y
+    bw = x.numel() * 4 / best
+    del x
     a = torch.randn(2048, 2048).to(dtype)
     b = torch.randn(2048, 2048).to(dtype)
     a @ b
@@ -68,6 +67,38 @@ def measure_machine(dtype: torch.dtype) -> dict:
         a @ b
         best = min(best, time.perf_counter() - t)
     return {"bandwidth_GBps": bw / 1e9, "matmul_GFLOPs": 2 * 2048**3 / best / 1e9}
+
+
+def model_counts(cfg) -> dict:
+    """Parameter counts of an openlora ModelConfig: matmul weights (LM head included) and total."""
+    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    per_layer = h * (q + 2 * kv) + q * h + 2 * h * i + i * h
+    linear = cfg.num_layers * per_layer + cfg.vocab_size * h
+    total = linear + 2 * cfg.num_layers * h + h + (0 if cfg.tie_word_embeddings else cfg.vocab_size * h)
+    return {"linear_params": linear, "total_params": total}
+
+
+def dense_floor_ms(llm, batch: int, reps: int = 5) -> float:
+    """Time of one decode step's dense matmuls alone (every layer's projections and the LM head at
+    M = batch, through the engine's own Linear objects): what the rest of the step is added to."""
+    m = llm.engine.runner.model
+    cfg = llm.config.model
+    dt = m.dtype
+    xs = {n: torch.randn(batch, n).to(dt) for n in {cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size}}
+
+    def once() -> None:
+        for layer in m.layers:
+            layer.qkv(xs[layer.qkv.in_features])
+            layer.o(xs[layer.o.in_features])
+            layer.gate_up(xs[layer.gate_up.in_features])
+            layer.down(xs[layer.down.in_features])
+        m.lm_head_proj(xs[cfg.hidden_size])
+
+    once()
+    t = time.perf_counter()
+    for _ in range(reps):
+        once()
+    return 1e3 * (time.perf_counter() - t) / reps
 
 
 def decode_roofline_s(n_params_linear: int, n_params_total: int, batch: int, avg_ctx: int, kv_bytes_per_token: int,
@@ -115,3 +146,22 @@ def write_random_adapter(path: Path, *, r: int, targets: tuple[str, ...], seed: 
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "target_modules": list(targets),
         "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": base, "use_rslora": False}))
     return path
+
+
+def time_generate(llm, prompts, new_tokens: int, adapters=None) -> float:
+    """Seconds for llm.generate on the whole workload (greedy, exactly new_tokens each)."""
+    from openlora import SamplingParams
+
+    p = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    t = time.perf_counter()
+    llm.generate(prompts, p, adapters=adapters)
+    return time.perf_counter() - t
+
+
+def wall_and_step_ms(llm, prompts, new_tokens: int, runs: int, adapters=None) -> tuple[float, float]:
+    """(median wall seconds of the full workload, ms per decode step). A full-length warm-up run
+    first; the decode step is (T(new_tokens) - T(1)) / (new_tokens - 1), medians of `runs`."""
+    time_generate(llm, prompts, new_tokens, adapters)
+    full = sorted(time_generate(llm, prompts, new_tokens, adapters) for _ in range(runs))[runs // 2]
+    one = sorted(time_generate(llm, prompts, 1, adapters) for _ in range(runs))[runs // 2]
+    return full, 1e3 * (full - one) / (new_tokens - 1)

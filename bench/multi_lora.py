@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (bench_root, decode_roofline_s, emit, measure_machine, prompts_32x32,  # noqa: E402
-                    smol_model_dir, write_random_adapter)
+from common import (bench_root, decode_roofline_s, emit, measure_machine, model_counts,  # noqa: E402
+                    prompts_32x32, smol_model_dir, wall_and_step_ms, write_random_adapter)
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHAPES = {"r16_all": (16, ALL), "r8_qv": (8, ("q_proj", "v_proj"))}
@@ -33,21 +33,6 @@ def adapters_for(shape: str, n: int) -> list[Path]:
     root = bench_root() / f"multi_{shape}"
     return [p if (p := root / f"a{i:02d}").joinpath("adapter_model.safetensors").is_file()
             else write_random_adapter(p, r=r, targets=targets, seed=1000 + i) for i in range(n)]
-
-
-def run_engine(llm, prompts, adapters, new: int) -> float:
-    from openlora import SamplingParams
-
-    t = time.perf_counter()
-    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True), adapters=adapters)
-    return time.perf_counter() - t
-
-
-def engine_numbers(llm, prompts, adapters, new: int, runs: int) -> tuple[float, float]:
-    run_engine(llm, prompts, adapters, new)  # warm-up at full length
-    full = sorted(run_engine(llm, prompts, adapters, new) for _ in range(runs))[runs // 2]
-    one = sorted(run_engine(llm, prompts, adapters, 1) for _ in range(runs))[runs // 2]
-    return full, 1e3 * (full - one) / (new - 1)
 
 
 def peft_numbers(model_dir, paths, prompts, dtype, new: int, runs: int) -> tuple[float, float]:
@@ -95,11 +80,10 @@ def main() -> None:
         machine = measure_machine(dtype)
         llm = LLM(str(model_dir), dtype=dname, max_model_len=256, kv_cache_memory=256 << 20, max_loras=32,
                   max_cpu_loras=64, lora_pool_rows=32 * 16)
-        base_wall, base_step = engine_numbers(llm, prompts, None, new, args.runs)
+        base_wall, base_step = wall_and_step_ms(llm, prompts, new, args.runs)
         m = llm.config.model
-        lin = sum(p.numel() for name, p in llm.engine.runner.model.named_parameters() if p.dim() == 2 and name != "embed")
-        lin += m.vocab_size * m.hidden_size if m.tie_word_embeddings else 0
-        total = sum(p.numel() for p in llm.engine.runner.model.parameters())
+        counts = model_counts(m)
+        lin, total = counts["linear_params"], counts["total_params"]
         kv_tok = 2 * m.num_layers * m.num_kv_heads * m.head_dim * elem
         for shape in args.shapes.split(","):
             paths = adapters_for(shape, n)
@@ -109,7 +93,7 @@ def main() -> None:
                 if name not in llm.lora.entries:
                     llm.register_adapter(name, str(p))
                 names.append(name)
-            wall, step = engine_numbers(llm, prompts, names, new, args.runs)
+            wall, step = wall_and_step_ms(llm, prompts, new, args.runs, names)
             r, targets = SHAPES[shape]
             per_adapter = sum(r * (DIMS[t][0] + DIMS[t][1]) for t in targets) * m.num_layers  # params
             roof = decode_roofline_s(lin, total, n, 32 + new // 2, kv_tok, elem, machine,

@@ -14,18 +14,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import decode_roofline_s, emit, measure_machine, prompts_32x32, smol_model_dir  # noqa: E402
+from common import (decode_roofline_s, dense_floor_ms, emit, measure_machine, model_counts,  # noqa: E402
+                    prompts_32x32, smol_model_dir, wall_and_step_ms)
 
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def time_engine(llm, prompts, max_tokens: int) -> float:
-    from openlora import SamplingParams
-
-    p = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    t = time.perf_counter()
-    llm.generate(prompts, p)
-    return time.perf_counter() - t
 
 
 def time_hf(model, prompts, max_tokens: int) -> float:
@@ -35,14 +27,6 @@ def time_hf(model, prompts, max_tokens: int) -> float:
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                        min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
     return time.perf_counter() - t
-
-
-def engine_step_ms(llm, prompts, new_tokens: int, runs: int) -> tuple[float, float]:
-    """(wall seconds for the full workload, ms per decode step) as medians; decode step from
-    T(new_tokens) - T(1) over new_tokens - 1 steps."""
-    t_full = sorted(time_engine(llm, prompts, new_tokens) for _ in range(runs))[runs // 2]
-    t_one = sorted(time_engine(llm, prompts, 1) for _ in range(runs))[runs // 2]
-    return t_full, 1e3 * (t_full - t_one) / (new_tokens - 1)
 
 
 def main() -> None:
@@ -62,13 +46,11 @@ def main() -> None:
         dtype = DT[dname]
         machine = measure_machine(dtype)
         llm = LLM(str(path), dtype=dname, max_num_seqs=64, max_model_len=256, kv_cache_memory=256 << 20)
-        time_engine(llm, prompts, new)  # warm-up, full length
-        wall, step_ms = engine_step_ms(llm, prompts, new, args.runs)
+        wall, step_ms = wall_and_step_ms(llm, prompts, new, args.runs)
         m = llm.config.model
-        lin = sum(p.numel() for name, p in llm.engine.runner.model.named_parameters() if p.dim() == 2 and name != "embed")
-        if m.tie_word_embeddings:
-            lin += m.vocab_size * m.hidden_size  # lm_head shares the embedding but is a real matmul
-        total = sum(p.numel() for p in llm.engine.runner.model.parameters())
+        counts = model_counts(m)
+        lin, total = counts["linear_params"], counts["total_params"]
+        floor = dense_floor_ms(llm, n)
         elem = torch.empty((), dtype=dtype).element_size()
         kv_tok = 2 * m.num_layers * m.num_kv_heads * m.head_dim * elem
         roof = decode_roofline_s(lin, total, n, 32 + new // 2, kv_tok, elem, machine)
@@ -77,6 +59,8 @@ def main() -> None:
             "threads": torch.get_num_threads(), "wall_s": wall, "tokens_per_s": n * new / wall,
             "decode_step_ms": step_ms, "decode_tokens_per_s": 1e3 * n / step_ms, **machine, **roof,
             "roofline_ratio": step_ms / roof["roofline_step_ms"],
+            "dense_matmuls_only_ms": floor, "dense_matmuls_roofline_ratio": floor / roof["roofline_step_ms"],
+            "linear_backend": llm.engine.runner.model.layers[0].qkv.backend,
         }
         del llm
         if not args.skip_hf:
