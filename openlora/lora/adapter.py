@@ -335,7 +335,7 @@ def load_peft_adapter(
 
     base = cfg.get("base_model_name_or_path")
     if expected_base_model and base and base != expected_base_model:
-        logger.info(
+        logger.warning(
             "adapter %s was trained on %r, serving it on %r (shapes match; the name is advisory)",
             adapter_id, base, expected_base_model,
         )

@@ -291,7 +291,9 @@ class LoRAManager:
             e.state = AdapterState.DOWNLOADING
         path = fetch(src, self.cache_root, expected_files_hash=e.expected_hash)
         e.state = AdapterState.LOADING
-        return load_peft_adapter(path, e.adapter_id, self.shape, expected_base_model=self.config.model.path)
+        # Shapes are the real compatibility check; the served model is a local path here while adapters
+        # name hub ids, so a name comparison would warn for nearly every adapter.
+        return load_peft_adapter(path, e.adapter_id, self.shape)
 
     def _load(self, e: AdapterEntry) -> None:
         """Load one adapter into host memory; the caller set e.loading and counted it (loader thread,
