@@ -283,3 +283,24 @@ def test_metrics_exposed(server, client):
     assert m['openlora_adapter_tokens_total{adapter="a3",kind="completion"}'] >= 3
     assert any(k.startswith('openlora_adapter_state{adapter="a3"') for k in m)
     assert m['openlora_receipts_total{adapter="a1"}'] >= 1 and m['openlora_fees_total{adapter="a1"}'] > 0
+
+
+def test_merge_requests_over_http(client, offline):
+    """The `merge` body field: a served ties merge equals the offline engine's; bad merges are 400/404."""
+    merge = {"adapters": [{"id": "a1", "weight": 0.6}, {"id": "a3", "weight": 0.4}], "strategy": "svd", "svd_rank": 4}
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    want = offline.generate([PROMPTS[0]], params, merge=merge)[0].outputs[0].text
+    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True, "merge": merge})
+    assert r.choices[0].text == want
+    bad = [
+        ({"adapters": ["a1", "a2"], "weights": [1, 1], "strategy": "ties", "density": 1.5}, 400, "density"),
+        ({"adapters": ["a1", "a2"], "weights": [1.0], "strategy": "linear"}, 400, "weights"),
+        ({"adapters": ["a1", "nope"], "strategy": "linear"}, 404, "nope"),
+        ({"adapters": ["a1", "a2"], "strategy": "linear"}, 400, "rank"),  # r=4 and r=6
+    ]
+    for body, status, word in bad:
+        with pytest.raises(openai.APIStatusError) as ei:
+            client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4, extra_body={"merge": body})
+        assert ei.value.status_code == status, (body, ei.value)
+        assert word in str(ei.value.body["message"]), (body, ei.value.body)
