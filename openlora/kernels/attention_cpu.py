@@ -27,56 +27,27 @@ from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-from openlora.config import cache_dir
+from openlora.kernels.build import build_extension, try_build
 
 logger = logging.getLogger("openlora.kernels")
 
-_CSRC = Path(__file__).resolve().parent / "csrc"
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
 def load_extension() -> ModuleType:
-    """Compile (first use only; then cached under cache_dir()/torch_extensions) and load the extension.
-
-    The module name carries a hash of the CPU flags and torch version (the binary is -march=native);
-    cpp_extension.load itself rebuilds when the source changes. Raises if it cannot be built.
-    """
-    from torch.utils import cpp_extension
-
-    from openlora.kernels.cpu import _cpu_tag
-
-    name = f"openlora_paged_attn_{_cpu_tag()}"
-    build_dir = cache_dir() / "torch_extensions" / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("loading C++ paged attention extension %s (compiled on first use in %s)", name, build_dir)
-    return cpp_extension.load(
-        name=name,
-        sources=[str(_CSRC / "paged_attention_cpu.cpp")],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        verbose=False,
-    )
+    """The compiled C++ paged attention module (see openlora.kernels.build)."""
+    return build_extension("paged_attn", "paged_attention_cpu.cpp", "paged attention")
 
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether the C++ kernel can be used (built and loaded); logs the reason once when it cannot."""
-    try:
-        load_extension()
-        return True
-    except Exception as e:  # noqa: BLE001 - any build failure means: use the SDPA fallback, and say why
-        msg = str(e).strip()
-        logger.warning("C++ paged attention unavailable (%s: %s); attention uses gather + torch SDPA",
-                       type(e).__name__, msg.splitlines()[-1] if msg else "")
-        return False
+    return try_build(load_extension, "paged attention", "attention uses gather + torch SDPA")
 
 
 def _use_ext(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

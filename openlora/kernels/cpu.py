@@ -8,22 +8,17 @@ registers and keeps the [tokens, r] intermediate in fp32; long segments (prefill
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
-import platform
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from openlora.config import cache_dir
 from openlora.kernels.backend import LoRABackend
+from openlora.kernels.build import build_extension
 from openlora.lora.batch import LoRABatch, SiteRows
 
 logger = logging.getLogger("openlora.kernels")
 
-_CSRC = Path(__file__).resolve().parent / "csrc"
 
 # Segments with at least this many tokens are two fp32 GEMMs (gather + at::mm) in the C++ path; shorter
 # ones go through the streaming kernel. Measured with bench/sgmv_micro.py (1 thread, gate_proj shape):
@@ -32,37 +27,10 @@ _CSRC = Path(__file__).resolve().parent / "csrc"
 DEFAULT_MM_MIN_TOKENS = 512
 
 
-def _cpu_tag() -> str:
-    """A short hash of what the -march=native binary depends on (CPU flags, torch version)."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    return hashlib.sha1(f"{torch.__version__}|{platform.machine()}|{flags}".encode()).hexdigest()[:10]
 
-
-@functools.lru_cache(maxsize=None)
 def load_extension() -> ModuleType:
-    """Compile (first use only; then cached under cache_dir()/torch_extensions) and load the C++ SGMV.
-
-    Raises whatever the compiler or loader raised if it cannot be built.
-    """
-    from torch.utils import cpp_extension
-
-    name = f"openlora_sgmv_{_cpu_tag()}"
-    build_dir = cache_dir() / "torch_extensions" / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("loading C++ SGMV extension %s (compiled on first use in %s)", name, build_dir)
-    return cpp_extension.load(
-        name=name,
-        sources=[str(_CSRC / "sgmv_cpu.cpp")],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        verbose=False,
-    )
+    """The compiled C++ SGMV module (see openlora.kernels.build)."""
+    return build_extension("sgmv", "sgmv_cpu.cpp", "SGMV")
 
 
 class CppBackend(LoRABackend):

@@ -30,56 +30,27 @@ from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-from openlora.config import cache_dir
+from openlora.kernels.build import build_extension, try_build
 
 logger = logging.getLogger("openlora.kernels")
 
-_CSRC = Path(__file__).resolve().parent / "csrc"
 
 
-@functools.lru_cache(maxsize=None)
 def load_extension() -> ModuleType:
-    """Compile (first use only; cached under cache_dir()/torch_extensions) and load the extension.
-
-    The module name carries a hash of the CPU flags and torch version (the binary is -march=native);
-    cpp_extension.load rebuilds when the source changes. Raises if it cannot be built.
-    -ffp-contract=off: torch rounds t * cos and rot * sin separately; an FMA would not.
-    """
-    from torch.utils import cpp_extension
-
-    from openlora.kernels.cpu import _cpu_tag
-
-    name = f"openlora_fused_ops_{_cpu_tag()}"
-    build_dir = cache_dir() / "torch_extensions" / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("loading C++ fused ops extension %s (compiled on first use in %s)", name, build_dir)
-    return cpp_extension.load(
-        name=name,
-        sources=[str(_CSRC / "fused_ops_cpu.cpp")],
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        verbose=False,
-    )
+    """The compiled C++ fused ops module (see openlora.kernels.build). -ffp-contract=off: torch
+    rounds t * cos and rot * sin separately; an FMA would not."""
+    return build_extension("fused_ops", "fused_ops_cpu.cpp", "fused ops", ("-ffp-contract=off",))
 
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether the C++ kernels can be used (built and loaded); logs the reason once when they cannot."""
-    try:
-        load_extension()
-        return True
-    except Exception as e:  # noqa: BLE001 - any build failure means: use the torch composites, and say why
-        msg = str(e).strip()
-        logger.warning("C++ fused ops unavailable (%s: %s); using torch composites",
-                       type(e).__name__, msg.splitlines()[-1] if msg else "")
-        return False
+    return try_build(load_extension, "fused ops", "using torch composites")
 
 
 @functools.lru_cache(maxsize=None)
