@@ -165,3 +165,22 @@ def wall_and_step_ms(llm, prompts, new_tokens: int, runs: int, adapters=None) ->
     full = sorted(time_generate(llm, prompts, new_tokens, adapters) for _ in range(runs))[runs // 2]
     one = sorted(time_generate(llm, prompts, 1, adapters) for _ in range(runs))[runs // 2]
     return full, 1e3 * (full - one) / (new_tokens - 1)
+
+
+def hf_wall_and_step_ms(model, prompts, new_tokens: int, runs: int, **generate_kw) -> tuple[float, float]:
+    """The same measurement as wall_and_step_ms for a transformers (or PEFT) model's `generate`
+    (batch of equal-length prompts, greedy, exactly new_tokens each; extra kwargs such as
+    adapter_names go to generate)."""
+    ids = torch.tensor(prompts)
+
+    def go(n: int) -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0, **generate_kw)
+        return time.perf_counter() - t
+
+    go(new_tokens)  # full-length warm-up: the first generate is several times slower
+    full = sorted(go(new_tokens) for _ in range(runs))[runs // 2]
+    one = sorted(go(1) for _ in range(runs))[runs // 2]
+    return full, 1e3 * (full - one) / (new_tokens - 1)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (bench_root, decode_roofline_s, emit, measure_machine, model_counts,  # noqa: E402
+from common import (bench_root, decode_roofline_s, emit, hf_wall_and_step_ms, measure_machine, model_counts,  # noqa: E402
                     prompts_32x32, smol_model_dir, wall_and_step_ms, write_random_adapter)
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -45,19 +44,7 @@ def peft_numbers(model_dir, paths, prompts, dtype, new: int, runs: int) -> tuple
         m.load_adapter(str(p), adapter_name=f"a{i:02d}", autocast_adapter_dtype=False)
     m.eval()
     names = [f"a{i:02d}" for i in range(len(paths))]
-    ids = torch.tensor(prompts)
-
-    def go(n: int) -> float:
-        t = time.perf_counter()
-        with torch.no_grad():
-            m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=0, adapter_names=names)
-        return time.perf_counter() - t
-
-    go(new)
-    full = sorted(go(new) for _ in range(runs))[runs // 2]
-    one = sorted(go(1) for _ in range(runs))[runs // 2]
-    return full, 1e3 * (full - one) / (new - 1)
+    return hf_wall_and_step_ms(m, prompts, new, runs, adapter_names=names)
 
 
 def main() -> None:

@@ -8,25 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (decode_roofline_s, dense_floor_ms, emit, measure_machine, model_counts,  # noqa: E402
-                    prompts_32x32, smol_model_dir, wall_and_step_ms)
+                    hf_wall_and_step_ms, prompts_32x32, smol_model_dir, wall_and_step_ms)
 
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def time_hf(model, prompts, max_tokens: int) -> float:
-    ids = torch.tensor(prompts)
-    t = time.perf_counter()
-    with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                       min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -67,11 +57,8 @@ def main() -> None:
             from transformers import AutoModelForCausalLM
 
             hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval()
-            time_hf(hf, prompts, new)
-            hf_wall = sorted(time_hf(hf, prompts, new) for _ in range(args.runs))[args.runs // 2]
-            hf_one = sorted(time_hf(hf, prompts, 1) for _ in range(args.runs))[args.runs // 2]
-            res.update({"hf_wall_s": hf_wall, "hf_tokens_per_s": n * new / hf_wall,
-                        "hf_decode_step_ms": 1e3 * (hf_wall - hf_one) / (new - 1),
+            hf_wall, hf_step = hf_wall_and_step_ms(hf, prompts, new, args.runs)
+            res.update({"hf_wall_s": hf_wall, "hf_tokens_per_s": n * new / hf_wall, "hf_decode_step_ms": hf_step,
                         "ratio_vs_hf": hf_wall / wall})
             del hf
         emit(res)

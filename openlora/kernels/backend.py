@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import logging
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ logger = logging.getLogger("openlora.kernels")
 BACKEND_NAMES = ("reference", "torch", "cpp", "triton")
 
 
-class LoRABackend:
+class LoRABackend(abc.ABC):
     """Applies LoRA deltas for one (site, layer) per call: `sgmv(y, x, a, bt, batch, site)` adds into y.
 
     Subclasses implement `sgmv` with the semantics of `openlora.kernels.reference.sgmv_reference`.
@@ -29,10 +30,11 @@ class LoRABackend:
         self._plan_batch: LoRABatch | None = None  # strong ref: its id() cannot be reused while cached
         self._plans: dict[tuple[str, str], Any] = {}
 
+    @abc.abstractmethod
     def sgmv(
         self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, batch: LoRABatch, site: str
     ) -> None:
-        raise NotImplementedError
+        """Add this step's LoRA deltas of `site` into y (a view) in place."""
 
     def _plan(self, batch: LoRABatch, site: str, kind: str, build: Callable[[LoRABatch, SiteRows], Any]) -> Any:
         """The cached `build(batch, batch.sites[site])` for the current batch (cache reset on a new batch)."""
