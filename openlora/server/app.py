@@ -75,12 +75,15 @@ def build_state(opts: ServeOptions) -> ServerState:
         adapters += [(p.name, str(p)) for p in found]
 
     config = build_engine_config(model, **opts.engine)
-    lora = LoRAManager(config)
-    engine = LLMEngine(config, lora_manager=lora)
+    # The model and the adapter pool are built on the engine thread (see AsyncEngine.build).
+    async_engine = AsyncEngine.build(lambda: LLMEngine(config, lora_manager=LoRAManager(config)),
+                                     max_waiting=opts.max_waiting)
+    engine = async_engine.engine
+    lora = engine.lora
     log.info("model %s (served as %r) on %s, dtype %s, LoRA backend %s", config.model.path, model_id,
              config.device, config.dtype, getattr(lora.backend, "name", type(lora.backend).__name__))
     metrics = Metrics()
-    state = ServerState(engine=AsyncEngine(engine, max_waiting=opts.max_waiting), lora=lora, model_id=model_id,
+    state = ServerState(engine=async_engine, lora=lora, model_id=model_id,
                         metrics=metrics, api_keys=dict(opts.api_keys), admin_key=opts.admin_key,
                         grace_period=opts.grace_period)
     if opts.attribution:

@@ -79,3 +79,39 @@ def test_outputs_errors_and_step_failure(engine):
         assert not engine.has_unfinished_requests() and engine.kv.usage == 0
 
     asyncio.run(main())
+
+
+def test_build_constructs_and_steps_on_one_thread(tiny_model_factory):
+    """AsyncEngine.build runs the factory on the engine thread (the thread that later steps), and a
+    factory error reaches the caller."""
+    import threading
+
+    from openlora.engine.llm_engine import LLMEngine
+    from openlora.llm import build_engine_config
+
+    cfg = build_engine_config(str(tiny_model_factory("llama")), kv_cache_memory=8 << 20, max_num_seqs=2, num_threads=1)
+    built_on, stepped_on = [], []
+
+    def factory():
+        built_on.append(threading.current_thread())
+        eng = LLMEngine(cfg)
+        real_step = eng.step
+        eng.step = lambda: (stepped_on.append(threading.current_thread()), real_step())[1]
+        return eng
+
+    async def main():
+        ae = AsyncEngine.build(factory)
+        ae.start()
+        outs = await _collect(ae, "b1", [5, 6, 7], max_tokens=3)
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 3
+        await ae.shutdown()
+
+    asyncio.run(main())
+    assert built_on[0] is not threading.main_thread()
+    assert stepped_on and all(t is built_on[0] for t in stepped_on)
+
+    def broken():
+        raise FileNotFoundError("no such model folder")
+
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        AsyncEngine.build(broken)

@@ -409,13 +409,15 @@ bool fo_has_avx512() { return OPENLORA_FO_AVX512 != 0; }
 
 }  // namespace
 
+// The kernels touch no Python object, so they release the GIL: a server's event loop thread can
+// run while the engine thread is inside one (see openlora/engine/async_engine.py).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm of x [T, h] -> [T, h], or None if unsupported", py::arg("x"), py::arg("weight"), py::arg("eps"));
-  m.def("add_rms_norm_", &add_rms_norm_, "h += delta (in place), then RMSNorm(h) -> [T, h], or None if unsupported", py::arg("h"),
+  m.def("rms_norm", &rms_norm, "RMSNorm of x [T, h] -> [T, h], or None if unsupported", py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("add_rms_norm_", &add_rms_norm_, "h += delta (in place), then RMSNorm(h) -> [T, h], or None if unsupported", py::call_guard<py::gil_scoped_release>(), py::arg("h"),
         py::arg("delta"), py::arg("weight"), py::arg("eps"));
-  m.def("rope_", &rope_, "rotate-half RoPE of t [T, heads, d] in place; False if unsupported", py::arg("t"), py::arg("cos"),
+  m.def("rope_", &rope_, "rotate-half RoPE of t [T, heads, d] in place; False if unsupported", py::call_guard<py::gil_scoped_release>(), py::arg("t"), py::arg("cos"),
         py::arg("sin"));
-  m.def("silu_mul", &silu_mul, "silu(gu[:, :i]) * gu[:, i:] -> [T, i], or None if unsupported", py::arg("gu"));
+  m.def("silu_mul", &silu_mul, "silu(gu[:, :i]) * gu[:, i:] -> [T, i], or None if unsupported", py::call_guard<py::gil_scoped_release>(), py::arg("gu"));
   m.def("set_min_parallel_elems", &set_min_parallel_elems, "elements per call below which a call runs on one thread");
   m.def("get_min_parallel_elems", &get_min_parallel_elems);
   m.def("has_avx512", &fo_has_avx512, "whether the AVX-512 (Sleef exp) path was compiled in");

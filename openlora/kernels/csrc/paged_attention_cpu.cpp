@@ -495,12 +495,14 @@ bool pa_has_avx512() { return OPENLORA_PA_AVX512 != 0; }
 
 }  // namespace
 
+// The kernels touch no Python object, so they release the GIL: a server's event loop thread can
+// run while the engine thread is inside one (see openlora/engine/async_engine.py).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged decode attention (one query row per sequence)", py::arg("q"),
+  m.def("paged_decode", &paged_decode, "paged decode attention (one query row per sequence)", py::call_guard<py::gil_scoped_release>(), py::arg("q"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("seq_lens"), py::arg("scale"),
         py::arg("window"), py::arg("portable"), py::arg("out") = py::none());
   m.def("paged_prefill", &paged_prefill, "paged causal attention of a chunk against its cached context",
-        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_ids"), py::arg("start"),
+        py::call_guard<py::gil_scoped_release>(), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_ids"), py::arg("start"),
         py::arg("scale"), py::arg("window"), py::arg("portable"), py::arg("out") = py::none());
   m.def("has_avx512", &pa_has_avx512, "whether the AVX-512 kernels were compiled in");
 }

@@ -390,7 +390,10 @@ void sgmv_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::
 
 bool sgmv_has_avx512() { return OPENLORA_AVX512 != 0; }
 
+// The kernels touch no Python object, so they release the GIL: a server's event loop thread can
+// run while the engine thread is inside one (see openlora/engine/async_engine.py).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sgmv", &sgmv_cpu, "SGMV LoRA apply on the CPU (adds into y in place)");
+  m.def("sgmv", &sgmv_cpu, "SGMV LoRA apply on the CPU (adds into y in place)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512", &sgmv_has_avx512, "whether the AVX-512 kernels were compiled in");
 }
