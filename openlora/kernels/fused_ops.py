@@ -104,6 +104,17 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return silu_mul_ref(gu)
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, dim=1) for x [B, V] fp32/bf16 (row stride free) -> int64 [B], same result
+    (first maximum; NaN counts as the maximum, as in torch)."""
+    ext = _ext()
+    if ext is not None:
+        out = ext.argmax_rows(x)
+        if out is not None:
+            return out
+    return x.argmax(dim=1)
+
+
 def set_min_parallel_elems(n: int) -> None:
     """Calls touching fewer than n elements (rows x row length) run on the calling thread (bench knob)."""
     ext = _ext()

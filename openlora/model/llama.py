@@ -102,9 +102,11 @@ class LlamaModel(nn.Module):
             return fused_ops.rms_norm(h, self.norm, self.cfg.rms_norm_eps)
         return fused_ops.add_rms_norm_(h, resid, self.norm, self.cfg.rms_norm_eps)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> fp32 [N, vocab] (matmul in the model dtype, as transformers does)."""
-        return self.lm_head_proj(hidden).float()
+    def logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] (matmul in the model dtype, as transformers does), widened to fp32
+        unless `fp32=False` (the sampler widens only when it needs to)."""
+        out = self.lm_head_proj(hidden)
+        return out.float() if fp32 else out
 
     @torch.no_grad()
     def load_weights(self, reader: CheckpointReader) -> None:

@@ -1,5 +1,8 @@
 """Batched sampler: one call turns a step's logits [B, V] into one token (and optional logprobs) per row.
 
+Input logits may be in the model's dtype (bf16): the plain-greedy path takes the argmax as they are,
+every other path works on a float32 copy.
+
 NOTE (order of transforms, applied to a float32 copy of the logits):
     1. penalties   repetition (HF: over prompt + output ids, divide positive / multiply negative logits),
                    then frequency and presence (OpenAI: over output ids, `l -= f * count + p * (count>0)`)
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from openlora.kernels import fused_ops
 from openlora.outputs import Logprob, PositionLogprobs
 from openlora.sampling_params import SamplingParams
 
@@ -237,9 +241,10 @@ class Sampler:
         lp_idx = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         greedy = [r.params.greedy for r in rows]
 
-        # Fast path: plain greedy decoding is one argmax.
+        # Fast path: plain greedy decoding is one argmax, on the logits in the model's dtype (widening
+        # bf16 to fp32 is exact and order-preserving, so the argmax is the same as after .float()).
         if all(greedy) and not penalty_idx and not min_tok_idx and not lp_idx:
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * batch)
+            return SamplerOutput(fused_ops.argmax(logits).tolist(), [None] * batch)
 
         logits = logits.float().clone()  # [B, V]; never modify the caller's tensor
         raw_logprobs = torch.log_softmax(logits[lp_idx], dim=-1) if lp_idx else None  # [R, V]
@@ -252,7 +257,7 @@ class Sampler:
         tokens = torch.empty(batch, dtype=torch.long, device=device)  # [B]
         greedy_idx = [i for i in range(batch) if greedy[i]]
         if greedy_idx:
-            tokens[greedy_idx] = logits[greedy_idx].argmax(dim=-1)
+            tokens[greedy_idx] = fused_ops.argmax(logits[greedy_idx])
         sample_idx = [i for i in range(batch) if not greedy[i]]
         if len(sample_idx) == batch:
             tokens = self._sample(logits, rows)  # no row gather: `logits` is already our copy

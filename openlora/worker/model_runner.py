@@ -161,9 +161,9 @@ class ModelRunner:
                 rows.append(q0 + s.num_new_tokens - 1)
                 sample_seqs.append(s)
         if sample_seqs:
-            logits = self.model.logits(hidden[rows])  # [B, vocab] fp32
+            logits = self.model.logits(hidden[rows], fp32=False)  # [B, vocab] in the model dtype
             if self.capture_logits is not None:
-                self.capture_logits.extend((s.request.request_id, row.clone()) for s, row in zip(sample_seqs, logits))
+                self.capture_logits.extend((s.request.request_id, row.to(torch.float32, copy=True)) for s, row in zip(sample_seqs, logits))
             srows = [SamplingRow(s.request.sampling_params, s.request.prompt_token_ids, s.request.output_token_ids,
                                  self._generator(s.request), s.request.eos_token_ids) for s in sample_seqs]
             so = self.sampler(logits, srows)

@@ -195,3 +195,25 @@ def test_autograd_inputs_use_composite():
     w = rand(64, dtype=torch.float32, seed=2)
     fo.rms_norm(x, w, EPS).sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [1, 7, 16, 100, 49152])
+def test_argmax_equals_torch(dtype, V, threads):
+    """Row argmax equals torch.argmax exactly: random rows, ties (lowest index wins), -inf rows, NaN
+    (torch: the first NaN), +inf, -0.0 vs 0.0, strided rows."""
+    x = rand(12, V, dtype=dtype, seed=V)
+    x[1] = 3.0  # all tied
+    x[2] = float("-inf")
+    if V > 3:
+        x[3, V // 2] = float("nan")
+        x[3, V - 1] = float("nan")
+        x[4, V - 1] = float("inf")
+        x[5, 0], x[5, V - 2] = 100.0, 100.0  # tie between first and late index
+        x[6] = 0.0
+        x[6, V - 1] = -0.0
+        x[7, 1:] = float("nan")
+    wide = torch.zeros(12, V + 5, dtype=dtype)
+    wide[:, :V] = x
+    for t in (x, wide[:, :V], x[::2]):
+        assert torch.equal(fo.argmax(t), t.argmax(dim=1))

@@ -43,14 +43,18 @@ def make_llm(model: Path, root: Path, names: str, **kw) -> LLM:
     return llm
 
 
-def drain(llm: LLM, limit: int = 5000) -> dict:
-    final, steps = {}, 0
+def drain(llm: LLM, timeout: float = 120.0) -> dict:
+    """Step until every request finished. A step with nothing to run (adapters still loading in the
+    background) returns at once, so idle steps sleep a little and the bound is time, not step count."""
+    final, deadline = {}, time.monotonic() + timeout
     while llm.engine.has_unfinished_requests():
-        for o in llm.engine.step():
+        outs = llm.engine.step()
+        for o in outs:
             if o.finished:
                 final[o.request_id] = o
-        steps += 1
-        assert steps < limit
+        if not outs:
+            time.sleep(0.002)
+        assert time.monotonic() < deadline, "requests did not finish"
     return final
 
 

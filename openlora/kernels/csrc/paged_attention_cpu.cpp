@@ -292,6 +292,31 @@ struct Geometry {
   float scale;
 };
 
+// Prefetch (into L1) the cache rows an item reads at key positions [t0, min(t0 + kTile, hi)): K and V, its
+// kv heads only. A decode step's K/V rows come from DRAM (the layer's weights evicted them) and the walk
+// through the block table hides the next address from the hardware prefetcher, so without this the kernel
+// waits on memory latency: on a real step's cache (32 rows, 72 keys, bf16) a call took 205 us with cold
+// caches against 76 us hot.
+template <typename T>
+inline void prefetch_tile(const Item<T>& it, const T* kc, const T* vc, const Geometry& g, int64_t t0) {
+  const int64_t t1 = std::min<int64_t>(t0 + kTile, it.hi);
+  const int64_t bytes = it.ng * g.d * static_cast<int64_t>(sizeof(T));
+  int64_t b = t0 / g.bs, off = t0 % g.bs;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t row = (it.blocks[b] * g.bs + off) * g.row + it.g0 * g.d;
+    const char* kr = reinterpret_cast<const char*>(kc + row);
+    const char* vr = reinterpret_cast<const char*>(vc + row);
+    for (int64_t o = 0; o < bytes; o += 64) {
+      __builtin_prefetch(kr + o, 0, 3);
+      __builtin_prefetch(vr + o, 0, 3);
+    }
+    if (++off == g.bs) {
+      off = 0;
+      ++b;
+    }
+  }
+}
+
 // out[j] = softmax(scale * q_j . K[lo:hi]^T) @ V[lo:hi] for the query heads of one item.
 // NOTE: tiles are the outer loop and kv heads the inner one, so a tile's cache rows (all KVH heads,
 // contiguous within a block) are consumed while they are in L1/L2 rather than re-streamed per head.
@@ -313,6 +338,7 @@ void attend(const Item<T>& it, const T* kc, const T* vc, const Geometry& g, Scra
   for (int64_t t0 = it.lo; t0 < it.hi; t0 += kTile) {
     const int nt = static_cast<int>(std::min<int64_t>(kTile, it.hi - t0));
     int64_t b = t0 / g.bs, off = t0 % g.bs;  // walk the block table without a division per key
+    if (t0 + kTile < it.hi) prefetch_tile(it, kc, vc, g, t0 + kTile);  // the next tile, while this one computes
     for (int r = 0; r < nt; ++r) {
       const int64_t row = (it.blocks[b] * g.bs + off) * g.row;  // cache row of position t0 + r, kv head 0
       sc.kp[r] = kc + row;
@@ -418,10 +444,20 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> sc(hpi * geo.G, d);
-    for (int64_t i = begin; i < end; ++i) {
+    auto item_at = [&](int64_t i) {
       const int64_t n = i / chunks, g0 = (i % chunks) * hpi;
       Item<T> it{qp + n * qs0 + g0 * geo.G * qs1, qs1, op + (n * H + g0 * geo.G) * d, nullptr, 0, 0, g0, hpi};
       make_item(n, it);
+      return it;
+    };
+    Item<T> next = item_at(begin);
+    if (next.lo < next.hi) prefetch_tile(next, kc, vc, geo, next.lo);
+    for (int64_t i = begin; i < end; ++i) {
+      const Item<T> it = next;
+      if (i + 1 < end) {  // the next item's first tile streams in while this item computes
+        next = item_at(i + 1);
+        if (next.lo < next.hi) prefetch_tile(next, kc, vc, geo, next.lo);
+      }
       if (!portable && OPENLORA_PA_AVX512) {
         attend<T, true>(it, kc, vc, geo, sc);
       } else {
