@@ -92,6 +92,13 @@ def main() -> None:
                    "base_decode_step_ms": base_step, "ratio_vs_own_base": base_wall / wall,
                    "decode_ratio_vs_own_base": base_step / step, **machine, **roof,
                    "roofline_ratio": step / roof["roofline_step_ms"], "lora_backend": llm.lora.backend.name}
+            # Upper bound on decode_ratio_vs_own_base: even a LoRA path that only streams each distinct
+            # adapter's weights once per step at the measured bandwidth (no FLOPs, no overhead) adds
+            # adapter_bytes / bandwidth to the measured base step: the LoRA work runs on the same two
+            # threads between the base matmuls, so it cannot hide behind them.
+            lora_floor_ms = 1e3 * per_adapter * n * elem / (machine["bandwidth_GBps"] * 1e9)
+            res.update({"adapter_bytes_per_step": per_adapter * n * elem, "lora_memory_floor_ms": lora_floor_ms,
+                        "decode_ratio_upper_bound": base_step / (base_step + lora_floor_ms)})
             if not args.skip_peft:
                 pw, ps = peft_numbers(model_dir, paths, prompts, dtype, new, max(1, args.runs - 2))
                 res.update({"peft_tokens_per_s": n * new / pw, "peft_decode_step_ms": ps, "ratio_vs_peft": pw / wall})
