@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -167,10 +169,38 @@ def wall_and_step_ms(llm, prompts, new_tokens: int, runs: int, adapters=None) ->
     return full, 1e3 * (full - one) / (new_tokens - 1)
 
 
-def hf_wall_and_step_ms(model, prompts, new_tokens: int, runs: int, **generate_kw) -> tuple[float, float]:
-    """The same measurement as wall_and_step_ms for a transformers (or PEFT) model's `generate`
-    (batch of equal-length prompts, greedy, exactly new_tokens each; extra kwargs such as
-    adapter_names go to generate)."""
+def paired_runs(a: Callable[[int], float], b: Callable[[int], float], new_tokens: int, runs: int) -> dict:
+    """Time two workloads in alternation. `a(n)` / `b(n)` run the whole workload with n new tokens each and
+    return seconds. After a full-length warm-up of each, every round times a(new), b(new), a(1), b(1).
+
+    NOTE: this VM's speed drifts by 20-50% over minutes (other tenants), so two figures measured a few
+    minutes apart can disagree by more than the effect being measured; comparing inside each round and
+    taking the median of the per-round ratios keeps the drift out of the ratio.
+
+    Returns per-round lists `a_wall`, `b_wall` (s), `a_step`, `b_step` (ms per decode step, as in
+    wall_and_step_ms) and their medians under the same names with a `_median` suffix."""
+    a(new_tokens)
+    b(new_tokens)
+    out: dict = {"a_wall": [], "b_wall": [], "a_step": [], "b_step": []}
+    for _ in range(runs):
+        fa, fb, oa, ob = a(new_tokens), b(new_tokens), a(1), b(1)
+        out["a_wall"].append(fa)
+        out["b_wall"].append(fb)
+        out["a_step"].append(1e3 * (fa - oa) / (new_tokens - 1))
+        out["b_step"].append(1e3 * (fb - ob) / (new_tokens - 1))
+    for k in list(out):
+        out[k + "_median"] = statistics.median(out[k])
+    return out
+
+
+def median_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num[i] / den[i]."""
+    return statistics.median(x / y for x, y in zip(num, den))
+
+
+def hf_generate_fn(model, prompts, **generate_kw) -> Callable[[int], float]:
+    """n -> seconds of a transformers (or PEFT) model's greedy `generate` of exactly n new tokens for the
+    batch of equal-length prompts (extra kwargs such as adapter_names go to generate)."""
     ids = torch.tensor(prompts)
 
     def go(n: int) -> float:
@@ -180,6 +210,14 @@ def hf_wall_and_step_ms(model, prompts, new_tokens: int, runs: int, **generate_k
                            do_sample=False, pad_token_id=0, **generate_kw)
         return time.perf_counter() - t
 
+    return go
+
+
+def hf_wall_and_step_ms(model, prompts, new_tokens: int, runs: int, **generate_kw) -> tuple[float, float]:
+    """The same measurement as wall_and_step_ms for a transformers (or PEFT) model's `generate`
+    (batch of equal-length prompts, greedy, exactly new_tokens each; extra kwargs such as
+    adapter_names go to generate)."""
+    go = hf_generate_fn(model, prompts, **generate_kw)
     go(new_tokens)  # full-length warm-up: the first generate is several times slower
     full = sorted(go(new_tokens) for _ in range(runs))[runs // 2]
     one = sorted(go(1) for _ in range(runs))[runs // 2]

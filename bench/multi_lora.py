@@ -3,7 +3,8 @@ on the SmolLM2-135M shape, in two adapter shapes (r=16 on all seven projections;
 
 Prints JSON per (dtype, shape): tokens/s, the ratio to this engine's own base-model run, the ratio
 to PEFT's mixed-batch `generate(..., adapter_names=...)`, and the roofline ratio counting the
-adapters' FLOPs and the distinct adapters' bytes. All measured in the same run.
+adapters' FLOPs and the distinct adapters' bytes. All measured in the same run; base-only and
+mixed-adapter runs alternate round by round and the ratio is the median of the per-round ratios.
 
 Run: python bench/multi_lora.py [--dtypes float32,bfloat16] [--shapes r16_all,r8_qv] [--skip-peft]
 """
@@ -17,8 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (bench_root, decode_roofline_s, emit, hf_wall_and_step_ms, measure_machine, model_counts,  # noqa: E402
-                    prompts_32x32, smol_model_dir, wall_and_step_ms, write_random_adapter)
+from common import (bench_root, decode_roofline_s, emit, hf_wall_and_step_ms, measure_machine,  # noqa: E402
+                    median_ratio, model_counts, paired_runs, prompts_32x32, smol_model_dir, time_generate,
+                    write_random_adapter)
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHAPES = {"r16_all": (16, ALL), "r8_qv": (8, ("q_proj", "v_proj"))}
@@ -67,7 +69,6 @@ def main() -> None:
         machine = measure_machine(dtype)
         llm = LLM(str(model_dir), dtype=dname, max_model_len=256, kv_cache_memory=256 << 20, max_loras=32,
                   max_cpu_loras=64, lora_pool_rows=32 * 16)
-        base_wall, base_step = wall_and_step_ms(llm, prompts, new, args.runs)
         m = llm.config.model
         counts = model_counts(m)
         lin, total = counts["linear_params"], counts["total_params"]
@@ -80,7 +81,11 @@ def main() -> None:
                 if name not in llm.lora.entries:
                     llm.register_adapter(name, str(p))
                 names.append(name)
-            wall, step = wall_and_step_ms(llm, prompts, new, args.runs, names)
+            # Base-only and mixed-adapter runs alternate round by round (see common.paired_runs).
+            pr = paired_runs(lambda k, llm=llm: time_generate(llm, prompts, k),
+                             lambda k, llm=llm, names=names: time_generate(llm, prompts, k, names), new, args.runs)
+            base_wall, base_step, wall, step = (pr["a_wall_median"], pr["a_step_median"], pr["b_wall_median"],
+                                                pr["b_step_median"])
             r, targets = SHAPES[shape]
             per_adapter = sum(r * (DIMS[t][0] + DIMS[t][1]) for t in targets) * m.num_layers  # params
             roof = decode_roofline_s(lin, total, n, 32 + new // 2, kv_tok, elem, machine,
@@ -89,8 +94,9 @@ def main() -> None:
             res = {"bench": "multi_lora", "dtype": dname, "adapters": shape, "distinct_adapters": n,
                    "requests": n, "new_tokens": new, "tokens_per_s": n * new / wall, "decode_step_ms": step,
                    "decode_tokens_per_s": 1e3 * n / step, "base_tokens_per_s": n * new / base_wall,
-                   "base_decode_step_ms": base_step, "ratio_vs_own_base": base_wall / wall,
-                   "decode_ratio_vs_own_base": base_step / step, **machine, **roof,
+                   "base_decode_step_ms": base_step, "ratio_vs_own_base": median_ratio(pr["a_wall"], pr["b_wall"]),
+                   "ratios_vs_own_base_per_round": [round(a / b, 3) for a, b in zip(pr["a_wall"], pr["b_wall"])],
+                   "decode_ratio_vs_own_base": median_ratio(pr["a_step"], pr["b_step"]), **machine, **roof,
                    "roofline_ratio": step / roof["roofline_step_ms"], "lora_backend": llm.lora.backend.name}
             # Upper bound on decode_ratio_vs_own_base: even a LoRA path that only streams each distinct
             # adapter's weights once per step at the measured bandwidth (no FLOPs, no overhead) adds

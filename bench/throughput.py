@@ -1,5 +1,6 @@
 """Base-model throughput: 32 requests x (32 prompt + 64 new tokens) on the SmolLM2-135M shape,
-against transformers `generate` on the same model and workload, plus the roofline ratio.
+against transformers `generate` on the same model and workload (the two alternate round by round;
+the ratio is the median of the per-round ratios), plus the roofline ratio.
 
 Run: python bench/throughput.py [--dtypes float32,bfloat16] [--skip-hf]
 """
@@ -13,8 +14,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (decode_roofline_s, dense_floor_ms, emit, measure_machine, model_counts,  # noqa: E402
-                    hf_wall_and_step_ms, prompts_32x32, smol_model_dir, wall_and_step_ms)
+from common import (decode_roofline_s, dense_floor_ms, emit, hf_generate_fn, measure_machine,  # noqa: E402
+                    median_ratio, model_counts, paired_runs, prompts_32x32, smol_model_dir, time_generate,
+                    wall_and_step_ms)
 
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -36,7 +38,17 @@ def main() -> None:
         dtype = DT[dname]
         machine = measure_machine(dtype)
         llm = LLM(str(path), dtype=dname, max_num_seqs=64, max_model_len=256, kv_cache_memory=256 << 20)
-        wall, step_ms = wall_and_step_ms(llm, prompts, new, args.runs)
+        ours = lambda k, llm=llm: time_generate(llm, prompts, k)  # noqa: E731
+        hf = None
+        if not args.skip_hf:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+            # Ours and transformers alternate round by round (see common.paired_runs).
+            pr = paired_runs(ours, hf_generate_fn(hf, prompts), new, args.runs)
+            wall, step_ms = pr["a_wall_median"], pr["a_step_median"]
+        else:
+            wall, step_ms = wall_and_step_ms(llm, prompts, new, args.runs)
         m = llm.config.model
         counts = model_counts(m)
         lin, total = counts["linear_params"], counts["total_params"]
@@ -52,15 +64,13 @@ def main() -> None:
             "dense_matmuls_only_ms": floor, "dense_matmuls_roofline_ratio": floor / roof["roofline_step_ms"],
             "linear_backend": llm.engine.runner.model.layers[0].qkv.backend,
         }
-        del llm
-        if not args.skip_hf:
-            from transformers import AutoModelForCausalLM
-
-            hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval()
-            hf_wall, hf_step = hf_wall_and_step_ms(hf, prompts, new, args.runs)
-            res.update({"hf_wall_s": hf_wall, "hf_tokens_per_s": n * new / hf_wall, "hf_decode_step_ms": hf_step,
-                        "ratio_vs_hf": hf_wall / wall})
+        if hf is not None:
+            hf_wall = pr["b_wall_median"]
+            res.update({"hf_wall_s": hf_wall, "hf_tokens_per_s": n * new / hf_wall, "hf_decode_step_ms": pr["b_step_median"],
+                        "ratio_vs_hf": median_ratio(pr["b_wall"], pr["a_wall"]),
+                        "ratios_vs_hf_per_round": [round(b / a, 3) for a, b in zip(pr["a_wall"], pr["b_wall"])]})
             del hf
+        del llm
         emit(res)
 
 

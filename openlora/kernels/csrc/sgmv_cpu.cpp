@@ -31,6 +31,7 @@
 namespace {
 
 constexpr int64_t kTokBlock = 8;    // tokens per work item (dot kernel keeps 2*kTokBlock accumulators)
+constexpr int64_t kPrefetchRows = 2;  // shrink: A rows prefetched ahead of the one being read
 
 #if OPENLORA_AVX512
 
@@ -254,11 +255,15 @@ void run_item(const Operands& op, const T* x, const T* a, const T* bt, T* y, con
   s.v.resize(kTokBlock * r);
   for (int64_t t = 0; t < nb; ++t) to_fp32(x + tok[t] * op.ldx, s.xf.data() + t * K, K);
 
-  // Shrink: v[t, j] = scale[j] * <x[t], A[rows[j]]>, reading each A row once.
+  // Shrink: v[t, j] = scale[j] * <x[t], A[rows[j]]>, reading each A row once. The A rows kPrefetchRows
+  // ahead and the Bt row the expand stage will need are prefetched meanwhile: a decode segment's rows are
+  // a few KB scattered over the pool, too short for the hardware prefetcher to learn, so unprefetched the
+  // kernel waits on memory latency rather than bandwidth.
   float d[kTokBlock];
+  for (int64_t j = 0; j < std::min<int64_t>(r, kPrefetchRows); ++j) prefetch_row(a + rows[j] * op.lda, K);
   for (int64_t j = 0; j < r; ++j) {
-    if (j + 1 < r) prefetch_row(a + rows[j + 1] * op.lda, K);
-    else prefetch_row(bt + rows[0] * op.ldb, std::min<int64_t>(N, 256));
+    if (j + kPrefetchRows < r) prefetch_row(a + rows[j + kPrefetchRows] * op.lda, K);
+    prefetch_row(bt + rows[j] * op.ldb, N);
     dot_dispatch(nb, s.xf.data(), K, a + rows[j] * op.lda, d);
     for (int64_t t = 0; t < nb; ++t) s.v[t * r + j] = d[t] * scale[j];
   }
@@ -318,6 +323,10 @@ void sgmv_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const a
     for (int64_t i = begin; i < end; ++i) {
       const Item& it = items[i];
       const int64_t r0 = rptr[it.g], r1 = rptr[it.g + 1];
+      if (i + 1 < end && items[i + 1].g != it.g) {  // the next segment's first A rows stream in meanwhile
+        const int64_t n0 = rptr[items[i + 1].g], n1 = std::min(rptr[items[i + 1].g + 1], n0 + kPrefetchRows);
+        for (int64_t j = n0; j < n1; ++j) prefetch_row(ap + rows[j] * op.lda, op.K);
+      }
       run_item<T>(op, xp, ap, bp, yp, tok + it.t0, it.t1 - it.t0, rows + r0, scale + r0, r1 - r0, s);
     }
   });
