@@ -246,7 +246,7 @@ class Sampler:
         if all(greedy) and not penalty_idx and not min_tok_idx and not lp_idx:
             return SamplerOutput(fused_ops.argmax(logits).tolist(), [None] * batch)
 
-        logits = logits.float().clone()  # [B, V]; never modify the caller's tensor
+        logits = logits.to(torch.float32, copy=True)  # [B, V] fp32; never modify the caller's tensor
         raw_logprobs = torch.log_softmax(logits[lp_idx], dim=-1) if lp_idx else None  # [R, V]
 
         if penalty_idx:
