@@ -1,9 +1,14 @@
 """Dense projections of the base model, with the CPU matmul path chosen once at start-up.
 
-On CPU, oneDNN's pre-packed weights (the layout inductor uses for frozen linears) are markedly faster
+bf16 on a CPU with AMX: our tile kernel (openlora.kernels.gemm_amx) with weights packed at load time;
+at batch 32 with 30 layers' worth of distinct weights it ran 1.3-1.6x faster than oneDNN's packed
+linear here (11-15 GB/s of weights against 16 GB/s measured read bandwidth; /tmp-free numbers in
+bench/throughput.py's `matmul_ms`).
+
+Otherwise on CPU, oneDNN's pre-packed weights (the layout inductor uses for frozen linears) are markedly faster
 for the small-M matmuls of decode steps with weights streamed from memory: measured here at batch 32
 with 30 layers' worth of distinct weights, fp32 69-107 GFLOP/s against 51-84 for F.linear, bf16
-134-266 against 132-207 (bench/linear_micro.py). The packed op is private to torch, so it is probed
+134-266 against 132-207 (measured in session 1). The packed op is private to torch, so it is probed
 against F.linear once and the plain path is kept as the fallback (and on GPUs).
 """
 
@@ -15,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from openlora.config import env
+from openlora.kernels import gemm_amx
 
 log = logging.getLogger("openlora.model")
 
@@ -40,14 +46,17 @@ def _probe_packed(dtype: torch.dtype) -> bool:
 
 
 def linear_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """'dnnl-packed' on CPU when available and correct, else 'torch'. Decided once and logged."""
+    """'amx' for bf16 on AMX CPUs, else 'dnnl-packed' on CPU when available and correct, else 'torch'.
+    Decided once per (device, dtype) and logged; OPENLORA_LINEAR_BACKEND forces one."""
     key = (device.type, dtype)
     forced = env("OPENLORA_LINEAR_BACKEND")
     if forced:
         return forced
     if key not in _CHOICE:
         choice = "torch"
-        if device.type == "cpu" and torch.backends.mkldnn.is_available() and _probe_packed(dtype):
+        if device.type == "cpu" and dtype == torch.bfloat16 and gemm_amx.available():
+            choice = "amx"
+        elif device.type == "cpu" and torch.backends.mkldnn.is_available() and _probe_packed(dtype):
             choice = "dnnl-packed"
         _CHOICE[key] = choice
         log.info("dense matmuls: %s (%s, %s)", choice, device.type, dtype)
@@ -61,7 +70,9 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self.backend = backend
-        if backend == "dnnl-packed":
+        if backend == "amx":
+            self.weight = gemm_amx.pack(weight)
+        elif backend == "dnnl-packed":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 32)
         elif backend == "mm-t":
             self.weight = weight.t().contiguous()  # [in, out]
@@ -69,6 +80,8 @@ class Linear:
             self.weight = weight.contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "amx":
+            return gemm_amx.linear(x, self.weight, self.bias, self.out_features)
         if self.backend == "dnnl-packed":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         if self.backend == "mm-t":
