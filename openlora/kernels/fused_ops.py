@@ -104,6 +104,14 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return silu_mul_ref(gu)
 
 
+def write_kv_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              slot_mapping: torch.Tensor) -> None:
+    """Store k, v [T, KVH, d] at the flat cache rows slot_mapping [T] of k_cache/v_cache [nb, bs, KVH, d]."""
+    ext = _ext()
+    if ext is None or not ext.write_kv_(k_cache, v_cache, k, v, slot_mapping):
+        write_kv_ref(k_cache, v_cache, k, v, slot_mapping)
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """torch.argmax(x, dim=1) for x [B, V] fp32/bf16 (row stride free) -> int64 [B], same result
     (first maximum; NaN counts as the maximum, as in torch)."""
@@ -137,6 +145,14 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+def write_kv_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """Two index_copy_ over the caches viewed as [nb * bs, KVH, d] rows."""
+    kvh, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
 
 
 def silu_mul_ref(gu: torch.Tensor) -> torch.Tensor:

@@ -6,16 +6,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from openlora.kernels import attention_cpu
+from openlora.kernels import attention_cpu, fused_ops
 from openlora.worker.forward_context import AttentionMetadata
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """k_cache/v_cache: [num_blocks, block_size, kv_heads, d]; k/v: [T, kv_heads, d]."""
-    kvh, d = k.shape[1], k.shape[2]
-    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
+    if k_cache.device.type == "cpu":
+        fused_ops.write_kv_(k_cache, v_cache, k, v, slot_mapping)
+    else:
+        fused_ops.write_kv_ref(k_cache, v_cache, k, v, slot_mapping)
 
 
 def causal_mask(start: int, q_len: int, window: int | None, device: torch.device) -> torch.Tensor | None:

@@ -217,3 +217,30 @@ def test_argmax_equals_torch(dtype, V, threads):
     wide[:, :V] = x
     for t in (x, wide[:, :V], x[::2]):
         assert torch.equal(fo.argmax(t), t.argmax(dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [0, 1, 7, 64])
+def test_write_kv_equals_index_copy(dtype, T):
+    """K/V head views of a fused qkv buffer stored at scattered slots: identical caches to index_copy_."""
+    nb, bs, kvh, d, H = 20, 4, 3, 16, 6
+    qkv = rand(T, (H + 2 * kvh) * d, dtype=dtype, seed=T)
+    k = qkv[:, H * d:(H + kvh) * d].view(T, kvh, d)
+    v = qkv[:, (H + kvh) * d:].view(T, kvh, d)
+    slots = torch.randperm(nb * bs, generator=torch.Generator().manual_seed(T))[:T]
+    kc, vc = rand(nb, bs, kvh, d, dtype=dtype, seed=1), rand(nb, bs, kvh, d, dtype=dtype, seed=2)
+    kr, vr = kc.clone(), vc.clone()
+    fo.write_kv_(kc, vc, k, v, slots)
+    fo.write_kv_ref(kr, vr, k, v, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
+def test_write_kv_bad_slot_writes_nothing():
+    """The kernel checks every slot before copying: one out of range declines the call (False) with both
+    caches untouched."""
+    kc, vc = torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)
+    k, v = torch.ones(2, 1, 8), torch.ones(2, 1, 8)
+    ext = fo.load_extension()
+    for bad in ([3, 8], [-1, 0]):
+        assert ext.write_kv_(kc, vc, k, v, torch.tensor(bad)) is False
+    assert not kc.any() and not vc.any()

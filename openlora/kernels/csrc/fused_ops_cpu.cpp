@@ -466,6 +466,42 @@ OptTensor argmax_rows(const torch::Tensor& x) {
   return out;
 }
 
+// k_cache/v_cache [num_blocks, block_size, KVH, d] (contiguous) at flat row slot[t] <- k[t], v[t] ([T, KVH, d]
+// with each token's KVH * d elements contiguous, e.g. head views of the fused qkv buffer). A plain copy
+// (bit-exact in any dtype); one call instead of two index_copy_ dispatches per layer. Returns false
+// (nothing written) when a slot is out of range or the layouts differ: the composite then raises.
+bool write_kv_(torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& k, const torch::Tensor& v,
+               const torch::Tensor& slots) {
+  if (!k_cache.defined() || k_cache.dim() != 4 || !k_cache.device().is_cpu() || !k_cache.is_contiguous() ||
+      !v_cache.is_contiguous() || v_cache.sizes() != k_cache.sizes() || k.dim() != 3 || v.dim() != 3 ||
+      k.sizes() != v.sizes() || !k.device().is_cpu() || !v.device().is_cpu() || !slots.device().is_cpu())
+    return false;
+  const auto dt = k_cache.scalar_type();
+  if (v_cache.scalar_type() != dt || k.scalar_type() != dt || v.scalar_type() != dt) return false;
+  if ((k_cache.requires_grad() || v_cache.requires_grad()) && at::GradMode::is_enabled()) return false;
+  const int64_t T = k.size(0), kvh = k.size(1), d = k.size(2), row = kvh * d;
+  if (k_cache.size(2) != kvh || k_cache.size(3) != d) return false;
+  for (const auto* x : {&k, &v})
+    if (T > 0 && (x->stride(2) != 1 || (kvh > 1 && x->stride(1) != d))) return false;
+  if (slots.scalar_type() != at::kLong || slots.dim() != 1 || slots.size(0) != T || !slots.is_contiguous())
+    return false;
+  const int64_t n_rows = k_cache.size(0) * k_cache.size(1);
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    if (sl[t] < 0 || sl[t] >= n_rows) return false;
+  const int64_t es = static_cast<int64_t>(k_cache.element_size()), bytes = row * es;
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t ks = k.stride(0) * es, vs = v.stride(0) * es;
+  for (int64_t t = 0; t < T; ++t) {
+    std::memcpy(kc + sl[t] * bytes, kp + t * ks, static_cast<size_t>(bytes));
+    std::memcpy(vc + sl[t] * bytes, vp + t * vs, static_cast<size_t>(bytes));
+  }
+  return true;
+}
+
 void set_min_parallel_elems(int64_t n) { g_min_parallel_elems.store(std::max<int64_t>(0, n)); }
 int64_t get_min_parallel_elems() { return g_min_parallel_elems.load(); }
 bool fo_has_avx512() { return OPENLORA_FO_AVX512 != 0; }
@@ -483,6 +519,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gu[:, :i]) * gu[:, i:] -> [T, i], or None if unsupported", py::call_guard<py::gil_scoped_release>(), py::arg("gu"));
   m.def("argmax_rows", &argmax_rows, "torch.argmax(x, dim=1) of x [B, V], or None if unsupported",
         py::call_guard<py::gil_scoped_release>(), py::arg("x"));
+  m.def("write_kv_", &write_kv_, "k_cache/v_cache rows slot[t] <- k[t], v[t]; False if unsupported",
+        py::call_guard<py::gil_scoped_release>(), py::arg("k_cache"), py::arg("v_cache"), py::arg("k"), py::arg("v"),
+        py::arg("slots"));
   m.def("set_min_parallel_elems", &set_min_parallel_elems, "elements per call below which a call runs on one thread");
   m.def("get_min_parallel_elems", &get_min_parallel_elems);
   m.def("has_avx512", &fo_has_avx512, "whether the AVX-512 (Sleef exp) path was compiled in");
