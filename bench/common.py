@@ -71,6 +71,44 @@ def measure_machine(dtype: torch.dtype) -> dict:
     return {"bandwidth_GBps": bw / 1e9, "matmul_GFLOPs": 2 * 2048**3 / best / 1e9}
 
 
+def cold_chunk_reads_ms(chunks: dict[int, int], samples: int = 7) -> dict:
+    """Time to read a decode step's bytes as the step reads them: `chunks` maps a chunk size in bytes (one
+    weight matrix, one layer's K/V) to how many such reads a step makes. Each size is timed as a read
+    (torch.sum over fp32) of a buffer of that size right after 256 MiB of other reads evicted it from
+    the caches (median of `samples`), which is the state a decode step finds each weight in. Unlike
+    bytes / bandwidth, the sum includes the cost of starting ~150 separate streams of 0.5-60 MB from cold
+    caches. A reference, not a strict floor: a reader that prefetches harder (the AMX matmul does) can
+    beat torch.sum on the small chunks."""
+    flush = torch.ones(64 << 20, dtype=torch.float32)  # 256 MiB
+    total, per_size = 0.0, {}
+    for size, count in sorted(chunks.items()):
+        buf = torch.ones(max(1, size // 4), dtype=torch.float32)
+        ts = []
+        for _ in range(samples):
+            flush.sum()
+            t = time.perf_counter()
+            buf.sum()
+            ts.append(time.perf_counter() - t)
+        med = statistics.median(ts)
+        per_size[str(size)] = round(size / med / 1e9, 2)
+        total += count * med
+    return {"cold_chunk_reads_ms": 1e3 * total, "cold_read_GBps_by_bytes": per_size}
+
+
+def step_read_chunks(cfg, batch: int, avg_ctx: int, elem: int) -> dict[int, int]:
+    """{bytes: count} of one decode step's reads: each projection's weights, the LM head, each layer's K+V."""
+    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    chunks: dict[int, int] = {}
+    for n_in, n_out in ((h, q + 2 * kv), (q, h), (h, 2 * i), (i, h)):
+        b = n_in * n_out * elem
+        chunks[b] = chunks.get(b, 0) + cfg.num_layers
+    lm = cfg.vocab_size * h * elem
+    chunks[lm] = chunks.get(lm, 0) + 1
+    kv_layer = 2 * batch * avg_ctx * kv * elem
+    chunks[kv_layer] = chunks.get(kv_layer, 0) + cfg.num_layers
+    return chunks
+
+
 def model_counts(cfg) -> dict:
     """Parameter counts of an openlora ModelConfig: matmul weights (LM head included) and total."""
     h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size

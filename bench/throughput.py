@@ -1,6 +1,8 @@
 """Base-model throughput: 32 requests x (32 prompt + 64 new tokens) on the SmolLM2-135M shape,
 against transformers `generate` on the same model and workload (the two alternate round by round;
-the ratio is the median of the per-round ratios), plus the roofline ratio.
+the ratio is the median of the per-round ratios), plus the roofline ratio, the step's dense matmuls
+timed alone, and the step's reads timed as cold torch.sum reads of the same sizes (`cold_chunk_reads_ms`:
+what memory costs when a step reads ~150 separate weight matrices and K/V slabs from cold caches).
 
 Run: python bench/throughput.py [--dtypes float32,bfloat16] [--skip-hf]
 """
@@ -14,9 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (decode_roofline_s, dense_floor_ms, emit, hf_generate_fn, measure_machine,  # noqa: E402
-                    median_ratio, model_counts, paired_runs, prompts_32x32, smol_model_dir, time_generate,
-                    wall_and_step_ms)
+from common import (cold_chunk_reads_ms, decode_roofline_s, dense_floor_ms, emit, hf_generate_fn,  # noqa: E402
+                    measure_machine, median_ratio, model_counts, paired_runs, prompts_32x32, smol_model_dir, step_read_chunks,
+                    time_generate, wall_and_step_ms)
 
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -56,12 +58,14 @@ def main() -> None:
         elem = torch.empty((), dtype=dtype).element_size()
         kv_tok = 2 * m.num_layers * m.num_kv_heads * m.head_dim * elem
         roof = decode_roofline_s(lin, total, n, 32 + new // 2, kv_tok, elem, machine)
+        cold = cold_chunk_reads_ms(step_read_chunks(m, n, 32 + new // 2, elem))
         res = {
             "bench": "throughput", "dtype": dname, "requests": n, "prompt_tokens": 32, "new_tokens": new,
             "threads": torch.get_num_threads(), "wall_s": wall, "tokens_per_s": n * new / wall,
             "decode_step_ms": step_ms, "decode_tokens_per_s": 1e3 * n / step_ms, **machine, **roof,
             "roofline_ratio": step_ms / roof["roofline_step_ms"],
             "dense_matmuls_only_ms": floor, "dense_matmuls_roofline_ratio": floor / roof["roofline_step_ms"],
+            **cold, "cold_chunk_reads_roofline_ratio": cold["cold_chunk_reads_ms"] / roof["roofline_step_ms"],
             "linear_backend": llm.engine.runner.model.layers[0].qkv.backend,
         }
         if hf is not None:
