@@ -1,11 +1,17 @@
 """Dense projections of the base model, with the CPU matmul path chosen once at start-up.
 
-bf16 on a CPU with AMX: our tile kernel (openlora.kernels.gemm_amx) with weights packed at load time;
+bf16 on a CPU with AMX: our tile kernel (openlora.kernels.gemm.AMX) with weights packed at load time;
 at batch 32 with 30 layers' worth of distinct weights it ran 1.3-1.6x faster than oneDNN's packed
-linear here (11-15 GB/s of weights against 16 GB/s measured read bandwidth; /tmp-free numbers in
-bench/throughput.py's `matmul_ms`).
+linear here (11-15 GB/s of weights against 16 GB/s measured read bandwidth; in-engine figure:
+bench/throughput.py's `dense_matmuls_only_ms`).
 
-Otherwise on CPU, oneDNN's pre-packed weights (the layout inductor uses for frozen linears) are markedly faster
+fp32 on a CPU with AVX-512: our FMA kernel (openlora.kernels.gemm.F32) on 32-column weight panels;
+at M=32 over 30 layers' distinct weights 1.25-1.4x oneDNN's packed linear here (50-57 ms against
+63-80 ms; in-engine figure: bench/throughput.py's `dense_matmuls_only_ms`), but 0.82x at M=1024
+(prefill), where oneDNN's blocking is better; decode steps dominate serving, and keeping both layouts
+would double the weights' memory.
+
+Otherwise on CPU, oneDNN's pre-packed weights (the layout inductor uses for frozen linears) are faster
 for the small-M matmuls of decode steps with weights streamed from memory: measured here at batch 32
 with 30 layers' worth of distinct weights, fp32 69-107 GFLOP/s against 51-84 for F.linear, bf16
 134-266 against 132-207 (measured in session 1). The packed op is private to torch, so it is probed
@@ -20,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from openlora.config import env
-from openlora.kernels import gemm_amx
+from openlora.kernels.gemm import AMX, F32
 
 log = logging.getLogger("openlora.model")
 
@@ -46,7 +52,8 @@ def _probe_packed(dtype: torch.dtype) -> bool:
 
 
 def linear_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """'amx' for bf16 on AMX CPUs, else 'dnnl-packed' on CPU when available and correct, else 'torch'.
+    """'amx' for bf16 on AMX CPUs, 'f32-panels' for fp32 on AVX-512 CPUs, else 'dnnl-packed' on CPU when
+    available and correct, else 'torch'.
     Decided once per (device, dtype) and logged; OPENLORA_LINEAR_BACKEND forces one."""
     key = (device.type, dtype)
     forced = env("OPENLORA_LINEAR_BACKEND")
@@ -54,8 +61,10 @@ def linear_backend(device: torch.device, dtype: torch.dtype) -> str:
         return forced
     if key not in _CHOICE:
         choice = "torch"
-        if device.type == "cpu" and dtype == torch.bfloat16 and gemm_amx.available():
+        if device.type == "cpu" and dtype == torch.bfloat16 and AMX.available():
             choice = "amx"
+        elif device.type == "cpu" and dtype == torch.float32 and F32.available():
+            choice = "f32-panels"
         elif device.type == "cpu" and torch.backends.mkldnn.is_available() and _probe_packed(dtype):
             choice = "dnnl-packed"
         _CHOICE[key] = choice
@@ -71,7 +80,9 @@ class Linear:
         self.bias = bias
         self.backend = backend
         if backend == "amx":
-            self.weight = gemm_amx.pack(weight)
+            self.weight = AMX.pack(weight)
+        elif backend == "f32-panels":
+            self.weight = F32.pack(weight)
         elif backend == "dnnl-packed":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 32)
         elif backend == "mm-t":
@@ -81,7 +92,9 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "amx":
-            return gemm_amx.linear(x, self.weight, self.bias, self.out_features)
+            return AMX.linear(x, self.weight, self.bias, self.out_features)
+        if self.backend == "f32-panels":
+            return F32.linear(x, self.weight, self.bias, self.out_features)
         if self.backend == "dnnl-packed":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         if self.backend == "mm-t":

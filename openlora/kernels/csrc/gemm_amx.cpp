@@ -20,7 +20,7 @@
 // of kRowChunk so that a prefill's x chunk stays in L2 while the thread's weight blocks pass over it.
 //
 // Numerics: products and sums in fp32 (TDPBF16PS treats fp32 denormals as zero), so results agree with
-// torch's F.linear in bf16 to bf16 rounding (sum order differs); tests/kernels/test_gemm_amx.py.
+// torch's F.linear in bf16 to bf16 rounding (sum order differs); tests/kernels/test_gemm.py.
 //
 // The file compiles on any x86-64 gcc >= 11 (the AMX code carries target attributes); `available()`
 // checks CPUID and asks the kernel for the tile-data permission (arch_prctl), once per process.
