@@ -5,7 +5,7 @@ Two kernels with the same interface:
 
     AMX (bf16, Intel AMX-BF16 tiles; csrc/gemm_amx.cpp): products and sums in fp32, one rounding to
         bf16 at the end (as torch's bf16 F.linear); packed as [ceil(N/32), ceil(K/32), 2, 16, 32] tiles.
-    F32 (fp32, AVX-512 FMAs; csrc/gemm_f32.cpp): packed as [ceil(N/32), K, 32] column panels.
+    F32 (fp32, AVX-512 FMAs; csrc/gemm_f32.cpp): packed as [ceil(N/48), K, 48] column panels.
 
     kernel.available() -> bool      (CPU features, OS permission, build; checked once per process)
     kernel.pack(w [N, K]) -> packed

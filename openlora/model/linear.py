@@ -5,9 +5,9 @@ at batch 32 with 30 layers' worth of distinct weights it ran 1.3-1.6x faster tha
 linear here (11-15 GB/s of weights against 16 GB/s measured read bandwidth; in-engine figure:
 bench/throughput.py's `dense_matmuls_only_ms`).
 
-fp32 on a CPU with AVX-512: our FMA kernel (openlora.kernels.gemm.F32) on 32-column weight panels;
-at M=32 over 30 layers' distinct weights 1.25-1.4x oneDNN's packed linear here (50-57 ms against
-63-80 ms; in-engine figure: bench/throughput.py's `dense_matmuls_only_ms`), but 0.82x at M=1024
+fp32 on a CPU with AVX-512: our FMA kernel (openlora.kernels.gemm.F32) on 48-column weight panels;
+at M=32 over 30 layers' distinct weights 1.1-1.4x oneDNN's packed linear here (50-57 ms against
+60-80 ms; in-engine figure: bench/throughput.py's `dense_matmuls_only_ms`), but 0.85-1.0x at M=1024
 (prefill), where oneDNN's blocking is better; decode steps dominate serving, and keeping both layouts
 would double the weights' memory.
 

@@ -5,7 +5,7 @@ Tolerances (each output vs the exact sum of the same inputs, `mag` = sum_k |x_k 
     bits) + 1e-5 mag (the fp32 sum, far above K 2^-24 for K <= 1536).
   * fp32: the textbook bound of a recursive fp32 sum with FMAs plus the bias add: (K + 1) 2^-24 mag.
 Shapes: M in {1, 5, 12, 13, 16, 17, 32, 33, 49, 300} (AMX row tiles of 16 and chunks of 256; fp32
-register blocks of 12 and chunks of 48), N and K both multiples and non-multiples of the 32-wide blocks,
+register blocks of 8 and chunks of 48), N and K both multiples and non-multiples of the 32/48-wide blocks,
 with and without bias, row-strided x, 1 and 2 threads.
 """
 
@@ -19,7 +19,7 @@ from openlora.kernels.gemm import AMX, F32, PackedGemm
 KERNELS = [pytest.param(k, id=k.stem, marks=pytest.mark.skipif(not k.available(), reason=f"{k.label} unavailable here"))
            for k in (AMX, F32)]
 MS = [1, 5, 12, 13, 16, 17, 32, 33, 49, 300]
-NKS = [(7, 40), (48, 64), (960, 576), (576, 1536), (100, 1000)]
+NKS = [(7, 40), (48, 64), (960, 576), (576, 1536), (100, 1000), (40, 70)]
 
 
 def check(kern: PackedGemm, got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -77,11 +77,11 @@ def test_amx_packed_layout() -> None:
 
 @pytest.mark.skipif(not F32.available(), reason="fp32 GEMM unavailable here")
 def test_f32_packed_layout() -> None:
-    """P[nb, k, c] = W[32 nb + c, k], zero padded."""
-    w = torch.arange(40 * 70, dtype=torch.float32).view(40, 70)
+    """P[nb, k, c] = W[48 nb + c, k], zero padded."""
+    w = torch.arange(60 * 70, dtype=torch.float32).view(60, 70)
     p = F32.pack(w)
-    assert p.shape == (2, 70, 32)
-    assert p[0, 5, 3] == w[3, 5] and p[1, 69, 7] == w[39, 69] and p[1, 0, 8] == 0
+    assert p.shape == (2, 70, 48)
+    assert p[0, 5, 3] == w[3, 5] and p[1, 69, 11] == w[59, 69] and p[1, 0, 12] == 0
 
 
 @pytest.mark.parametrize("kern", KERNELS)
