@@ -125,6 +125,11 @@ OPENLORA_AMX_TARGET void block(const c10::BFloat16* a, int64_t a_stride_bytes, c
   }
 }
 
+// bf16 -> fp32 is exact: the 16 bits become the high half of the fp32 word.
+OPENLORA_AMX_TARGET inline __m512 widen(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 // cbuf rows [0, rows) x cols [0, cols) (+ bias) -> y rows, rounded to bf16.
 OPENLORA_AMX_TARGET void write_out(const float* cbuf, int64_t rows, int64_t cols, const c10::BFloat16* bias,
                                    c10::BFloat16* y, int64_t y_stride) {
@@ -132,7 +137,6 @@ OPENLORA_AMX_TARGET void write_out(const float* cbuf, int64_t rows, int64_t cols
   const __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1u);
   __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
   if (bias != nullptr) {
-    auto widen = [](__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); };
     b0 = widen(_mm256_maskz_loadu_epi16(m0, bias));
     b1 = widen(_mm256_maskz_loadu_epi16(m1, bias + 16));
   }
