@@ -31,7 +31,6 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -53,7 +52,7 @@ constexpr int64_t kStepK = 32;      // K per tile step (16 bf16 pairs = 64 bytes
 constexpr int64_t kTileElems = 16 * 32;         // bf16 elements in one B tile (1 KB)
 constexpr int64_t kStepElems = 2 * kTileElems;  // both B tiles of one K step
 constexpr int64_t kRowChunk = 256;  // x rows kept hot in L2 while a thread's blocks pass over them
-std::atomic<int64_t> g_prefetch_steps{2};  // B is prefetched this many K steps (2 KB each) ahead
+constexpr int64_t kPrefetchSteps = 2;  // B is prefetched this many K steps (2 KB each) ahead (1-4 measured alike)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -164,7 +163,7 @@ OPENLORA_AMX_TARGET void run_blocks(const c10::BFloat16* a, int64_t a_stride, in
   }
   _tile_loadconfig(&cfg);
   alignas(64) float cbuf[32 * 32];
-  const int64_t pf_elems = g_prefetch_steps.load(std::memory_order_relaxed) * kStepElems;
+  const int64_t pf_elems = kPrefetchSteps * kStepElems;
   const int64_t a_stride_bytes = a_stride * static_cast<int64_t>(sizeof(c10::BFloat16));
   for (int64_t mc = 0; mc < Mp; mc += kRowChunk) {
     const int64_t mc_end = std::min(Mp, mc + kRowChunk);
@@ -274,10 +273,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const 
 #endif
 }
 
-void set_prefetch_steps(int64_t n) { g_prefetch_steps.store(std::max<int64_t>(0, n)); }
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("set_prefetch_steps", &set_prefetch_steps, "K steps (2 KB each) of weights prefetched ahead; 0 = off");
   m.def("available", &available, "whether this CPU and OS allow AMX bf16 tiles");
   m.def("pack_weight", &pack_weight, "W [N, K] bf16 -> AMX tile layout", py::arg("w"));
   m.def("linear", &linear, "x [M, K] @ W^T (+ bias) -> [M, N] bf16", py::call_guard<py::gil_scoped_release>(),
