@@ -67,6 +67,15 @@ def test_sigterm_drains_then_exits_zero(assets):
     for t in threads:
         t.start()
     assert first.wait(60)
+    # SIGTERM only once all four requests reached the server (one running, three waiting): a client
+    # thread that had not connected yet would be refused, which is correct but not what this tests.
+    deadline = time.monotonic() + 30
+    while True:
+        m = srv.metrics()
+        if m.get("openlora_num_running", 0) + m.get("openlora_num_waiting", 0) >= 4:
+            break
+        assert time.monotonic() < deadline, m
+        time.sleep(0.02)
     t0 = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
     rc = srv.proc.wait(timeout=grace + 20)
