@@ -12,11 +12,9 @@ from openlora.worker.forward_context import AttentionMetadata
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """k_cache/v_cache: [num_blocks, block_size, kv_heads, d]; k/v: [T, kv_heads, d]."""
-    if k_cache.device.type == "cpu":
-        fused_ops.write_kv_(k_cache, v_cache, k, v, slot_mapping)
-    else:
-        fused_ops.write_kv_ref(k_cache, v_cache, k, v, slot_mapping)
+    """k_cache/v_cache: [num_blocks, block_size, kv_heads, d]; k/v: [T, kv_heads, d]. The C++ copy
+    declines non-CPU tensors, which then take index_copy_ (as the other fused ops do)."""
+    fused_ops.write_kv_(k_cache, v_cache, k, v, slot_mapping)
 
 
 def causal_mask(start: int, q_len: int, window: int | None, device: torch.device) -> torch.Tensor | None:
