@@ -7,13 +7,17 @@
 // projection widths of the common models (576, 960, 1536, 2048, 3072, 4096, 49152, ...).
 //
 // One call: the panels are split over the intra-op threads (at::parallel_for). For each panel a thread
-// walks rows in chunks of kRowChunk and K in slices of kSliceK; within a slice every 12-row block of the
+// walks rows in chunks of kRowChunk and K in slices of kSliceK; within a slice every 8-row block of the
 // chunk multiplies the same 3 x kSliceK zmm of B (from L1) into an 8 x 48 accumulator held in 24 zmm
-// (+3 for B, 1 broadcast: 24 FMAs per 11 loads), so B is read from memory once per call, at the pace of
-// all rows' FMAs, and the accumulators go through L1 once per slice. x is first copied k-major in
-// blocks of 8 rows so a k's 8 broadcasts come from one pointer. Bias is added at the end; fp32 throughout.
-// Measured at M=32 over 30 layers' distinct weights (the SmolLM2-135M shapes): 8x48 blocks 121-136
-// GFLOP/s (159 with the weights hot), 12x32 blocks 123-128 (145 hot), oneDNN's packed linear 102-112.
+// (+3 for B, 1 broadcast: 24 FMAs per 11 loads), so B is read from memory once per call, and the
+// accumulators go through L1 once per slice. x is read in place (one row pointer per block row). While a
+// slice is used, the next one is prefetched, its lines spread over all row blocks' k steps, so the
+// weight stream never pauses while the later blocks reuse the slice. Bias is added at the end; fp32
+// throughout.
+// Measured at M=32 over 30 layers' distinct weights (the SmolLM2-135M shapes) plus the LM head, A/B in one
+// process: 142-148 GFLOP/s against 116 for the previous version of this file, which copied x k-major
+// before every call (serial, ~50 us at K=1536) and prefetched only from the first row block, 4 KB ahead
+// (the stream paused during the other three). oneDNN's packed linear: 102-112.
 //
 // Numerics: plain fp32 FMAs, each output summed in k order; the order differs from MKL/oneDNN's blocked
 // sums, so results agree with F.linear to fp32 rounding, not bit for bit (tests/kernels/test_gemm.py).
@@ -38,33 +42,32 @@ constexpr int64_t kPanel = 48;     // output columns per panel (three zmm)
 constexpr int kMR = 8;             // rows per register block: 24 accumulators
 constexpr int64_t kSliceK = 64;    // K per slice: a 12 KB B slice stays in L1 across the row blocks
 constexpr int64_t kRowChunk = 48;  // rows whose accumulators (9 KB) and x slice (12 KB) stay in L1
-constexpr int64_t kPrefetchBytes = 4096;  // B prefetched this far ahead (4 KB beat 0 and 1 KB by 5-15%)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 #if OPENLORA_GEMM_F32
 
-// acc[MR][48] (+)= A[MR rows, kc] @ b[kc][48]. ap: this row block's packed x, [kc][kMR] (k-major), so
-// the MR broadcasts of one k come from one pointer at constant offsets (embedded-broadcast FMAs, no
-// per-row address registers).
+// acc[MR][48] (+)= A[MR rows, kc] @ b[kc][48]. a: row 0 of this row block at the slice's first k, rows
+// lda apart (x read in place: MR row pointers, one broadcast per row and k).
+// pf, pf_lines: cache lines to prefetch during the call (spread evenly over its k steps), or 0 lines.
 template <int MR>
-inline void micro(const float* ap, const float* b, int64_t kc, float* acc, bool first, int64_t pf) {
+inline void micro(const float* a, int64_t lda, const float* b, int64_t kc, float* acc, bool first, const char* pf,
+                  int64_t pf_lines) {
+  const float* ar[MR];
+  for (int m = 0; m < MR; ++m) ar[m] = a + m * lda;
   __m512 c0[MR], c1[MR], c2[MR];
   for (int m = 0; m < MR; ++m) {
     c0[m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + m * kPanel);
     c1[m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + m * kPanel + 16);
     c2[m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + m * kPanel + 32);
   }
+  int64_t line = 0;
   for (int64_t k = 0; k < kc; ++k) {
     const float* bk = b + k * kPanel;
-    if (pf > 0 && (k & 1) == 0) {  // one 192-byte B row per k: six lines every other k
-      const char* p = reinterpret_cast<const char*>(bk) + pf;
-      for (int l = 0; l < 6; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
-    }
+    for (; line * kc < (k + 1) * pf_lines; ++line) _mm_prefetch(pf + 64 * line, _MM_HINT_T1);  // L2: T0 measured the same
     const __m512 b0 = _mm512_loadu_ps(bk), b1 = _mm512_loadu_ps(bk + 16), b2 = _mm512_loadu_ps(bk + 32);
-    const float* ak = ap + k * kMR;
     for (int m = 0; m < MR; ++m) {
-      const __m512 av = _mm512_set1_ps(ak[m]);
+      const __m512 av = _mm512_set1_ps(ar[m][k]);
       c0[m] = _mm512_fmadd_ps(av, b0, c0[m]);
       c1[m] = _mm512_fmadd_ps(av, b1, c1[m]);
       c2[m] = _mm512_fmadd_ps(av, b2, c2[m]);
@@ -77,24 +80,24 @@ inline void micro(const float* ap, const float* b, int64_t kc, float* acc, bool 
   }
 }
 
-inline void micro_tail(int mr, const float* ap, const float* b, int64_t kc, float* acc, bool first, int64_t pf) {
+inline void micro_tail(int mr, const float* a, int64_t lda, const float* b, int64_t kc, float* acc, bool first,
+                       const char* pf, int64_t pf_lines) {
   switch (mr) {
-    case 1: return micro<1>(ap, b, kc, acc, first, pf);
-    case 2: return micro<2>(ap, b, kc, acc, first, pf);
-    case 3: return micro<3>(ap, b, kc, acc, first, pf);
-    case 4: return micro<4>(ap, b, kc, acc, first, pf);
-    case 5: return micro<5>(ap, b, kc, acc, first, pf);
-    case 6: return micro<6>(ap, b, kc, acc, first, pf);
-    case 7: return micro<7>(ap, b, kc, acc, first, pf);
-    default: return micro<kMR>(ap, b, kc, acc, first, pf);
+    case 1: return micro<1>(a, lda, b, kc, acc, first, pf, pf_lines);
+    case 2: return micro<2>(a, lda, b, kc, acc, first, pf, pf_lines);
+    case 3: return micro<3>(a, lda, b, kc, acc, first, pf, pf_lines);
+    case 4: return micro<4>(a, lda, b, kc, acc, first, pf, pf_lines);
+    case 5: return micro<5>(a, lda, b, kc, acc, first, pf, pf_lines);
+    case 6: return micro<6>(a, lda, b, kc, acc, first, pf, pf_lines);
+    case 7: return micro<7>(a, lda, b, kc, acc, first, pf, pf_lines);
+    default: return micro<kMR>(a, lda, b, kc, acc, first, pf, pf_lines);
   }
 }
 
-// Panels [nb0, nb1) for all M rows; xp: x packed as [ceil(M/kMR), K, kMR].
-void run_panels(const float* xp, int64_t M, int64_t K, const float* packed, int64_t N,
+// Panels [nb0, nb1) for all M rows; x [M, K] with rows lda apart.
+void run_panels(const float* x, int64_t lda, int64_t M, int64_t K, const float* packed, int64_t N,
                 const float* bias, float* y, int64_t nb0, int64_t nb1) {
   alignas(64) float acc[kRowChunk * kPanel];
-  const int64_t pf = kPrefetchBytes;
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const float* panel = packed + nb * K * kPanel;
     const int64_t n0 = nb * kPanel, cols = std::min<int64_t>(kPanel, N - n0);
@@ -107,13 +110,20 @@ void run_panels(const float* xp, int64_t M, int64_t K, const float* packed, int6
     }
     for (int64_t r0 = 0; r0 < M; r0 += kRowChunk) {
       const int64_t rows = std::min<int64_t>(kRowChunk, M - r0);
+      const int64_t blocks = ceil_div(rows, kMR);
       for (int64_t k0 = 0; k0 < K; k0 += kSliceK) {
         const int64_t kc = std::min<int64_t>(kSliceK, K - k0);
         const float* b = panel + k0 * kPanel;
-        for (int64_t m = 0; m < rows; m += kMR) {
+        // The next slice of B (the next panel's first after the last; panels are contiguous) is
+        // prefetched while this one is used, its lines split evenly over the row blocks, so the weight
+        // stream from memory never pauses while the later row blocks reuse the slice from L1.
+        const char* next = reinterpret_cast<const char*>(b + kc * kPanel);
+        const int64_t next_lines = std::min<int64_t>(kSliceK, k0 + kc < K ? K - k0 - kc : K) * kPanel * 4 / 64;
+        for (int64_t j = 0; j < blocks; ++j) {
+          const int64_t m = j * kMR;
           const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - m));
-          // Only the first row block of a slice reads B from memory: it prefetches.
-          micro_tail(mr, xp + ((r0 + m) / kMR * K + k0) * kMR, b, kc, acc + m * kPanel, k0 == 0, m == 0 ? pf : 0);
+          const int64_t l0 = next_lines * j / blocks, l1 = next_lines * (j + 1) / blocks;
+          micro_tail(mr, x + (r0 + m) * lda + k0, lda, b, kc, acc + m * kPanel, k0 == 0, next + 64 * l0, l1 - l0);
         }
       }
       for (int64_t m = 0; m < rows; ++m) {
@@ -168,31 +178,11 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const 
   }
   torch::Tensor y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
-  // x -> [ceil(M/kMR), K, kMR] k-major row blocks (rows past M are zero): a copy of M x K floats, small next
-  // to the weights every call streams.
-  const int64_t Mb = ceil_div(M, kMR);
-  torch::Tensor xpk = torch::empty({Mb, K, kMR}, x.options());
-  {
-    const float* src = x.data_ptr<float>();
-    const int64_t lda = x.stride(0);
-    float* dst = xpk.data_ptr<float>();
-    for (int64_t mb = 0; mb < Mb; ++mb) {
-      float* blk = dst + mb * K * kMR;
-      for (int m = 0; m < kMR; ++m) {
-        const int64_t row = mb * kMR + m;
-        if (row < M) {
-          const float* r = src + row * lda;
-          for (int64_t k = 0; k < K; ++k) blk[k * kMR + m] = r[k];
-        } else {
-          for (int64_t k = 0; k < K; ++k) blk[k * kMR + m] = 0.f;
-        }
-      }
-    }
-  }
-  const float* xpp = xpk.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const int64_t lda = x.size(1) <= 1 ? K : x.stride(0);
   const float* pp = packed.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, Nb, 1, [&](int64_t nb0, int64_t nb1) { run_panels(xpp, M, K, pp, N, bp, yp, nb0, nb1); });
+  at::parallel_for(0, Nb, 1, [&](int64_t nb0, int64_t nb1) { run_panels(xp, lda, M, K, pp, N, bp, yp, nb0, nb1); });
   return y;
 #else
   TORCH_CHECK(false, "gemm_f32: built without AVX-512");
