@@ -1,11 +1,14 @@
 """Dense linear layers on weights packed at load time (C++ extensions), for the small-M matmuls of
 decode steps, where every weight is streamed from memory once per step.
 
-Two kernels with the same interface:
+Three kernels with the same interface:
 
     AMX (bf16, Intel AMX-BF16 tiles; csrc/gemm_amx.cpp): products and sums in fp32, one rounding to
         bf16 at the end (as torch's bf16 F.linear); packed as [ceil(N/32), ceil(K/32), 2, 16, 32] tiles.
-    F32 (fp32, AVX-512 FMAs; csrc/gemm_f32.cpp): packed as [ceil(N/48), K, 48] column panels.
+    F32 (fp32, AVX-512 FMAs; csrc/gemm_avx512.cpp): packed as [ceil(N/48), K, 48] column panels.
+    BF16 (bf16, AVX512_BF16 pair dot products, for CPUs without AMX such as AMD Zen 4; same file and
+        loop nest as F32): fp32 sums, one rounding to bf16; packed as [ceil(N/48), ceil(K/2), 96] panels
+        of k pairs.
 
     kernel.available() -> bool      (CPU features, OS permission, build; checked once per process)
     kernel.pack(w [N, K]) -> packed
@@ -28,16 +31,17 @@ from openlora.kernels.build import build_extension, try_build
 class PackedGemm:
     """One compiled kernel (see openlora.kernels.build for the compile-on-first-use cache)."""
 
-    def __init__(self, stem: str, source: str, label: str, dtype: torch.dtype) -> None:
+    def __init__(self, stem: str, source: str, label: str, dtype: torch.dtype, *available_args: str) -> None:
         self.stem, self.source, self.label, self.dtype = stem, source, label, dtype
+        self.available_args = available_args  # what the extension's available() asks (the dtype name)
 
     def load_extension(self) -> ModuleType:
-        return build_extension(self.stem, self.source, self.label)
+        return build_extension(self.stem, self.source, self.source)  # one module per source file
 
     @functools.cache  # noqa: B019 - two module-level instances, never freed
     def available(self) -> bool:
         return (try_build(self.load_extension, self.label, "using oneDNN for these matmuls")
-                and bool(self.load_extension().available()))
+                and bool(self.load_extension().available(*self.available_args)))
 
     def pack(self, w: torch.Tensor) -> torch.Tensor:
         return self.load_extension().pack_weight(w)
@@ -47,4 +51,5 @@ class PackedGemm:
 
 
 AMX = PackedGemm("gemm_amx", "gemm_amx.cpp", "AMX GEMM", torch.bfloat16)
-F32 = PackedGemm("gemm_f32", "gemm_f32.cpp", "fp32 GEMM", torch.float32)
+F32 = PackedGemm("gemm_avx512", "gemm_avx512.cpp", "fp32 GEMM", torch.float32, "float32")
+BF16 = PackedGemm("gemm_avx512", "gemm_avx512.cpp", "AVX512-BF16 GEMM", torch.bfloat16, "bfloat16")

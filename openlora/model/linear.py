@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from openlora.config import env
-from openlora.kernels.gemm import AMX, F32
+from openlora.kernels.gemm import AMX, BF16, F32
 
 log = logging.getLogger("openlora.model")
 
@@ -52,8 +52,8 @@ def _probe_packed(dtype: torch.dtype) -> bool:
 
 
 def linear_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """'amx' for bf16 on AMX CPUs, 'f32-panels' for fp32 on AVX-512 CPUs, else 'dnnl-packed' on CPU when
-    available and correct, else 'torch'.
+    """'amx' for bf16 on AMX CPUs, 'bf16-panels' for bf16 on other AVX512_BF16 CPUs, 'f32-panels' for fp32
+    on AVX-512 CPUs, else 'dnnl-packed' on CPU when available and correct, else 'torch'.
     Decided once per (device, dtype) and logged; OPENLORA_LINEAR_BACKEND forces one."""
     key = (device.type, dtype)
     forced = env("OPENLORA_LINEAR_BACKEND")
@@ -63,6 +63,8 @@ def linear_backend(device: torch.device, dtype: torch.dtype) -> str:
         choice = "torch"
         if device.type == "cpu" and dtype == torch.bfloat16 and AMX.available():
             choice = "amx"
+        elif device.type == "cpu" and dtype == torch.bfloat16 and BF16.available():
+            choice = "bf16-panels"
         elif device.type == "cpu" and dtype == torch.float32 and F32.available():
             choice = "f32-panels"
         elif device.type == "cpu" and torch.backends.mkldnn.is_available() and _probe_packed(dtype):
@@ -82,8 +84,8 @@ class Linear:
         n = self.out_features
         # NOTE: each backend's call is bound once here: ~121 calls per decode step, and per-call Python
         # dispatch (string compares, extension lookups) showed up in the step profile.
-        if backend in ("amx", "f32-panels"):
-            kern = AMX if backend == "amx" else F32
+        if backend in ("amx", "f32-panels", "bf16-panels"):
+            kern = {"amx": AMX, "f32-panels": F32, "bf16-panels": BF16}[backend]
             self.weight = kern.pack(weight)
             op, w = kern.load_extension().linear, self.weight
             self._fn = lambda x: op(x, w, bias, n)

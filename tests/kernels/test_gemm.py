@@ -1,12 +1,13 @@
-"""Packed-weight linear kernels (openlora.kernels.gemm: AMX bf16, AVX-512 fp32) against float64.
+"""Packed-weight linear kernels (openlora.kernels.gemm: AMX bf16, AVX-512 fp32, AVX512-BF16 bf16) against
+float64.
 
 Tolerances (each output vs the exact sum of the same inputs, `mag` = sum_k |x_k w_k| + |b|):
-  * AMX bf16: fp32 products and sums, then one rounding to bf16: |err| <= 2^-8 |exact| (8 significant
-    bits) + 1e-5 mag (the fp32 sum, far above K 2^-24 for K <= 1536).
+  * bf16 (AMX and AVX512-BF16): fp32 products and sums, then one rounding to bf16: |err| <= 2^-8 |exact|
+    (8 significant bits) + 1e-5 mag (the fp32 sum, far above K 2^-24 for K <= 1536).
   * fp32: the textbook bound of a recursive fp32 sum with FMAs plus the bias add: (K + 1) 2^-24 mag.
 Shapes: M in {1, 5, 12, 13, 16, 17, 32, 33, 49, 300} (AMX row tiles of 16 and chunks of 256; fp32
 register blocks of 8 and chunks of 48), N and K both multiples and non-multiples of the 32/48-wide blocks,
-with and without bias, row-strided x, 1 and 2 threads.
+odd K (the AVX512-BF16 kernel works on k pairs), with and without bias, row-strided x, 1 and 2 threads.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from openlora.kernels.gemm import AMX, F32, PackedGemm
+from openlora.kernels.gemm import AMX, BF16, F32, PackedGemm
 
-KERNELS = [pytest.param(k, id=k.stem, marks=pytest.mark.skipif(not k.available(), reason=f"{k.label} unavailable here"))
-           for k in (AMX, F32)]
+KERNELS = [pytest.param(k, id=f"{k.stem}-{str(k.dtype)[6:]}", marks=pytest.mark.skipif(not k.available(), reason=f"{k.label} unavailable here"))
+           for k in (AMX, F32, BF16)]
 MS = [1, 5, 12, 13, 16, 17, 32, 33, 49, 300]
-NKS = [(7, 40), (48, 64), (960, 576), (576, 1536), (100, 1000), (40, 70)]
+NKS = [(7, 40), (48, 64), (960, 576), (576, 1536), (100, 1000), (40, 70), (50, 77)]
 
 
 def check(kern: PackedGemm, got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -82,6 +83,16 @@ def test_f32_packed_layout() -> None:
     p = F32.pack(w)
     assert p.shape == (2, 70, 48)
     assert p[0, 5, 3] == w[3, 5] and p[1, 69, 11] == w[59, 69] and p[1, 0, 12] == 0
+
+
+@pytest.mark.skipif(not BF16.available(), reason="AVX512-BF16 GEMM unavailable here")
+def test_bf16_packed_layout() -> None:
+    """P[nb, s, 2c + j] = W[48 nb + c, 2s + j], zero padded (odd K gets a zero k)."""
+    w = torch.arange(60 * 71, dtype=torch.float32).view(60, 71).bfloat16()
+    p = BF16.pack(w)
+    assert p.shape == (2, 36, 96) and p.dtype == torch.bfloat16
+    assert p[0, 2, 2 * 3 + 1] == w[3, 5] and p[1, 34, 2 * 11 + 1] == w[59, 69] and p[1, 35, 2 * 11] == w[59, 70]
+    assert p[1, 35, 2 * 11 + 1] == 0 and p[1, 0, 2 * 12] == 0
 
 
 @pytest.mark.parametrize("kern", KERNELS)

@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openlora.kernels.gemm import AMX, F32
+from openlora.kernels.gemm import AMX, BF16, F32
 from openlora.model.linear import Linear, _probe_packed, linear_backend
 
 CASES = [("torch", torch.float32), ("mm-t", torch.float32), ("dnnl-packed", torch.float32),
-         ("dnnl-packed", torch.bfloat16), ("amx", torch.bfloat16), ("f32-panels", torch.float32)]
+         ("dnnl-packed", torch.bfloat16), ("amx", torch.bfloat16), ("f32-panels", torch.float32),
+         ("bf16-panels", torch.bfloat16)]
 
 
 def usable(backend: str, dtype: torch.dtype) -> bool:
@@ -24,6 +25,8 @@ def usable(backend: str, dtype: torch.dtype) -> bool:
         return AMX.available()
     if backend == "f32-panels":
         return F32.available()
+    if backend == "bf16-panels":
+        return BF16.available()
     return True
 
 
@@ -50,7 +53,8 @@ def test_backend_matches_f_linear(backend: str, dtype: torch.dtype, bias: bool, 
 
 def test_default_choice_is_logged_once_and_forced_by_env(monkeypatch) -> None:
     cpu = torch.device("cpu")
-    expected = "amx" if AMX.available() else ("dnnl-packed" if usable("dnnl-packed", torch.bfloat16) else "torch")
+    expected = ("amx" if AMX.available() else "bf16-panels" if BF16.available()
+                else "dnnl-packed" if usable("dnnl-packed", torch.bfloat16) else "torch")
     assert linear_backend(cpu, torch.bfloat16) == expected
     monkeypatch.setenv("OPENLORA_LINEAR_BACKEND", "torch")
     assert linear_backend(cpu, torch.bfloat16) == "torch"
