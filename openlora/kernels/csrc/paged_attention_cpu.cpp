@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -35,6 +36,11 @@
 #define OPENLORA_PA_AVX512 1
 #else
 #define OPENLORA_PA_AVX512 0
+#endif
+#if OPENLORA_PA_AVX512 && defined(__AVX512BF16__)
+#define OPENLORA_PA_DPBF16 1  // bf16 scores with VDPBF16PS (qk_dp64)
+#else
+#define OPENLORA_PA_DPBF16 0
 #endif
 
 namespace {
@@ -256,6 +262,54 @@ void qk_dispatch(const float* q, int ng, int64_t d, const T* const* kp, int64_t 
   qk_ng<T, 0>(q, ng, d, kp, koff, nk, s, ss);
 }
 
+#if OPENLORA_PA_DPBF16
+// bf16, d = 64: s[j * ss + r] = scale * (q_j . k_r) for j < NG (NG <= 4), r < nk, with VDPBF16PS on the raw
+// bf16 q and k (each fp32 lane sums the exact products of one element pair), q heads q_hs elements apart.
+// Half the instructions of widening k to fp32 (q stays in 2 NG registers); the per-head scale is applied
+// to the four scores at once. A/B in one process (32 rows x 64 keys, H=9, KVH=3, AMD Zen 4): a call
+// 60 -> 48 us with hot caches, 133 -> 124 us cold (30 layers' caches round robin); outputs within one
+// bf16 rounding of the fp32-widened path.
+template <int NG>
+void qk_dp64(const at::BFloat16* q, int64_t q_hs, const at::BFloat16* const* kp, int64_t koff, int nk, float* s,
+             int64_t ss, float scale) {
+  __m512bh qv[NG][2];
+  for (int j = 0; j < NG; ++j)
+    for (int c = 0; c < 2; ++c) qv[j][c] = (__m512bh)_mm512_loadu_si512(q + j * q_hs + 32 * c);
+  const __m128 sv = _mm_set1_ps(scale);
+  int r = 0;
+  for (; r + 4 <= nk; r += 4) {
+    __m512 a[NG][4];
+    for (int j = 0; j < NG; ++j) a[j][0] = a[j][1] = a[j][2] = a[j][3] = _mm512_setzero_ps();
+    for (int c = 0; c < 2; ++c) {
+      __m512bh x[4];
+      for (int i = 0; i < 4; ++i) x[i] = (__m512bh)_mm512_loadu_si512(kp[r + i] + koff + 32 * c);
+      for (int j = 0; j < NG; ++j)
+        for (int i = 0; i < 4; ++i) a[j][i] = _mm512_dpbf16_ps(a[j][i], qv[j][c], x[i]);
+    }
+    for (int j = 0; j < NG; ++j)
+      _mm_storeu_ps(s + j * ss + r, _mm_mul_ps(hsum4(a[j][0], a[j][1], a[j][2], a[j][3]), sv));
+  }
+  for (; r < nk; ++r) {
+    for (int j = 0; j < NG; ++j) {
+      __m512 a0 = _mm512_setzero_ps();
+      for (int c = 0; c < 2; ++c)
+        a0 = _mm512_dpbf16_ps(a0, qv[j][c], (__m512bh)_mm512_loadu_si512(kp[r] + koff + 32 * c));
+      s[j * ss + r] = _mm512_reduce_add_ps(a0) * scale;
+    }
+  }
+}
+
+void qk_dp64_ng(const at::BFloat16* q, int64_t q_hs, int ng, const at::BFloat16* const* kp, int64_t koff, int nk,
+                float* s, int64_t ss, float scale) {
+  switch (ng) {
+    case 1: return qk_dp64<1>(q, q_hs, kp, koff, nk, s, ss, scale);
+    case 2: return qk_dp64<2>(q, q_hs, kp, koff, nk, s, ss, scale);
+    case 3: return qk_dp64<3>(q, q_hs, kp, koff, nk, s, ss, scale);
+    default: return qk_dp64<4>(q, q_hs, kp, koff, nk, s, ss, scale);
+  }
+}
+#endif
+
 template <typename T>
 void pv_dispatch(const float* p, int64_t ps, int ng, const T* const* vp, int64_t voff, int nk, float* acc,
                  int64_t d) {
@@ -330,7 +384,10 @@ void attend(const Item<T>& it, const T* kc, const T* vc, const Geometry& g, Scra
   float* q = sc.q.data();
   float* acc = sc.acc.data();
   float* s = sc.s.data();
-  for (int64_t j = 0; j < HG; ++j) {  // widen + pre-scale q once per item: [HG, d] fp32
+  // bf16 scores straight from the raw q and k (qk_dp64) where the CPU has AVX512_BF16 and d = 64.
+  constexpr bool kDpType = OPENLORA_PA_DPBF16 && kVec && std::is_same_v<T, at::BFloat16>;
+  const bool dp = kDpType && d == 64;
+  for (int64_t j = 0; j < HG && !dp; ++j) {  // widen + pre-scale q once per item: [HG, d] fp32
     const T* src = it.q + j * it.q_hs;
     for (int64_t c = 0; c < d; ++c) q[j * d + c] = to_f(src[c]) * g.scale;
   }
@@ -357,6 +414,13 @@ void attend(const Item<T>& it, const T* kc, const T* vc, const Geometry& g, Scra
       for (int j0 = 0; j0 < G; j0 += 4) {  // 1. scores [G, nt], sub-groups of <= 4 heads
         const int ng = std::min(4, G - j0);
 #if OPENLORA_PA_AVX512
+        if constexpr (kDpType) {
+          if (dp) {
+            qk_dp64_ng(it.q + (h * G + j0) * it.q_hs, it.q_hs, ng, sc.kp.data(), koff, nt, sh + j0 * kTile, kTile,
+                       g.scale);
+            continue;
+          }
+        }
         if (kVec) {
           qk_dispatch<T>(qh + j0 * d, ng, d, sc.kp.data(), koff, nt, sh + j0 * kTile, kTile);
           continue;
