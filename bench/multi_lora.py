@@ -67,8 +67,9 @@ def main() -> None:
         dtype = DT[dname]
         elem = torch.empty((), dtype=dtype).element_size()
         machine = measure_machine(dtype)
+        # No prefix caching: the timed runs repeat the same prompts (see bench/throughput.py).
         llm = LLM(str(model_dir), dtype=dname, max_model_len=256, kv_cache_memory=256 << 20, max_loras=32,
-                  max_cpu_loras=64, lora_pool_rows=32 * 16)
+                  max_cpu_loras=64, lora_pool_rows=32 * 16, enable_prefix_caching=False)
         m = llm.config.model
         counts = model_counts(m)
         lin, total = counts["linear_params"], counts["total_params"]
