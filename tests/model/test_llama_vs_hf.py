@@ -109,3 +109,24 @@ def test_gather_sdpa_decode_path_matches_hf(tiny_model_factory):
     for rid, row in cap:
         rows.setdefault(int(rid.split("-")[1]), []).append(row)
     check_against_hf(load_hf(path), PROMPTS, outs, rows)
+
+
+def test_sliding_window_matches_hf(tiny_model_factory):
+    """A window (8) shorter than the prompts: row-wise prefill rows and decode rows both see only the last
+    8 positions, as transformers' Mistral masks them."""
+    path = tiny_model_factory("mistral", sliding_window=8)
+    llm, outs, logits = engine_run(path, PROMPTS, 12, block_size=4, num_kv_blocks=128)
+    assert llm.engine.runner.config.model.sliding_window == 8
+    check_against_hf(load_hf(path), PROMPTS, outs, logits)
+
+
+def test_row_wise_and_sdpa_prefill_chunks_in_one_batch(tiny_model_factory, monkeypatch):
+    """With the row-wise limit lowered to 8 tokens, the 9- and 37-token prompts take the SDPA prefill branch
+    while the 2- and 6-token ones join the decode rows in the C++ call, all in the same steps."""
+    from openlora.worker import model_runner
+
+    monkeypatch.setattr(model_runner, "FUSED_PREFILL_MAX_TOKENS", 8)
+    path = tiny_model_factory("qwen2")
+    llm, outs, logits = engine_run(path, PROMPTS, 10, block_size=4, num_kv_blocks=128)
+    assert llm.engine.runner.fused_decode
+    check_against_hf(load_hf(path), PROMPTS, outs, logits)
