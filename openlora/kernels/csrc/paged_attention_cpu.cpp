@@ -414,6 +414,7 @@ void attend(const Item<T>& it, const T* kc, const T* vc, const Geometry& g, Scra
       for (int j0 = 0; j0 < G; j0 += 4) {  // 1. scores [G, nt], sub-groups of <= 4 heads
         const int ng = std::min(4, G - j0);
 #if OPENLORA_PA_AVX512
+#if OPENLORA_PA_DPBF16
         if constexpr (kDpType) {
           if (dp) {
             qk_dp64_ng(it.q + (h * G + j0) * it.q_hs, it.q_hs, ng, sc.kp.data(), koff, nt, sh + j0 * kTile, kTile,
@@ -421,6 +422,7 @@ void attend(const Item<T>& it, const T* kc, const T* vc, const Geometry& g, Scra
             continue;
           }
         }
+#endif
         if (kVec) {
           qk_dispatch<T>(qh + j0 * d, ng, d, sc.kp.data(), koff, nt, sh + j0 * kTile, kTile);
           continue;
