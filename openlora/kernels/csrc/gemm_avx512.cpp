@@ -15,9 +15,9 @@
 // One call: the panels are split over the intra-op threads (at::parallel_for). For each panel a thread
 // walks rows in chunks of kRowChunk and k steps in slices of kSlice; within a slice every 8-row block of
 // the chunk multiplies the same 3 x kSlice zmm of B (from L1) into an 8 x 48 fp32 accumulator held in 24
-// zmm (+3 for B, 1 broadcast: 24 FMAs per 11 loads), so B is read from memory once per call, and the
-// accumulators go through L1 once per slice. x is read in place (one row pointer per block row; bf16
-// broadcasts one 32-bit k pair). While a slice is used, the next one is prefetched, its lines spread over
+// zmm (+3 for B; each row's x value is a broadcast memory operand of its three FMAs), so B is read from
+// memory once per call, and the accumulators go through L1 once per slice. x is read in place (rows lda
+// apart; bf16 broadcasts one 32-bit k pair). While a slice is used, the next one is prefetched, its lines spread over
 // all row blocks' k steps, so the weight stream never pauses while the later blocks reuse the slice.
 // Bias is added in fp32 at the end; bf16 output is rounded once (to nearest even), as oneDNN does.
 // Measured at M=32 over 30 layers' distinct weights of the SmolLM2-135M shapes plus the LM head:
@@ -38,7 +38,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #if defined(__AVX512F__)
