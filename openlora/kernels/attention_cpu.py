@@ -40,8 +40,9 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 
 def load_extension() -> ModuleType:
-    """The compiled C++ paged attention module (see openlora.kernels.build)."""
-    return build_extension("paged_attn", "paged_attention_cpu.cpp", "paged attention")
+    """The compiled C++ paged attention module (see openlora.kernels.build). -ffp-contract=off as in
+    csrc/decoder_cpu.cpp, which compiles the same source: both builds then round alike."""
+    return build_extension("paged_attn", "paged_attention_cpu.cpp", "paged attention", ("-ffp-contract=off",))
 
 
 @functools.lru_cache(maxsize=None)

@@ -31,12 +31,18 @@ def cpu_tag() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def build_extension(stem: str, source: str, label: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType:
+def build_extension(stem: str, source: str, label: str, extra_cflags: tuple[str, ...] = (),
+                    includes: tuple[str, ...] = ()) -> ModuleType:
     """Compile `csrc/<source>` (first use only; cached under cache_dir()/torch_extensions; rebuilt
-    when the source changes) and load it. Raises whatever the compiler or loader raised."""
+    when the source changes) and load it. Raises whatever the compiler or loader raised.
+    `includes`: other csrc files the source #includes; their contents are part of the module name,
+    since torch's rebuild check hashes only the listed sources."""
     from torch.utils import cpp_extension
 
     name = f"openlora_{stem}_{cpu_tag()}"
+    if includes:
+        h = hashlib.sha1(b"".join((CSRC / f).read_bytes() for f in includes)).hexdigest()[:8]
+        name += f"_{h}"
     build_dir = cache_dir() / "torch_extensions" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     logger.info("loading C++ %s extension %s (compiled on first use in %s)", label, name, build_dir)

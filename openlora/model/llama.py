@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openlora.config import ModelConfig
-from openlora.kernels import fused_ops
+from openlora.kernels import attention_cpu, decoder, fused_ops
 from openlora.model.attention import paged_attention, write_kv
 from openlora.model.linear import Linear, linear_backend
 from openlora.model.loader import CheckpointReader
@@ -95,10 +95,38 @@ class LlamaModel(nn.Module):
             torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
         self.lm_head_proj: Linear | None = None  # set by load_weights
         self.register_buffer("inv_freq", inv_frequencies(cfg), persistent=False)
+        # The layer loop in C++ for row-wise steps without LoRA (openlora.kernels.decoder), over the KV
+        # caches it was bound to; None when it cannot run here.
+        self.stack = None
+        self._stack_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def bind_kv_cache(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Build the C++ layer loop over these per-layer (k_cache, v_cache) when every piece it needs runs
+        here (CPU, our packed GEMM backend, the fused-ops, attention and loop extensions). Returns whether
+        it did; steps it cannot take keep the Python loop either way."""
+        self.stack, self._stack_kv = None, None
+        backend = self.layers[0].qkv.backend if len(self.layers) else None
+        if (self.embed.device.type != "cpu" or backend not in decoder.BACKENDS or not fused_ops.available()
+                or not attention_cpu.available() or not decoder.available()):
+            return False
+        c = self.cfg
+        stack = decoder.load_extension().DecoderStack(
+            backend, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps,
+            c.head_dim ** -0.5, c.sliding_window or 0, self.norm)
+        for layer, (kc, vc) in zip(self.layers, kv_caches):
+            stack.add_layer(layer.input_norm, layer.post_norm, layer.qkv.weight, layer.qkv.bias, layer.o.weight,
+                            layer.gate_up.weight, layer.down.weight, kc, vc)
+        self.stack, self._stack_kv = stack, kv_caches
+        return True
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden] (normed)."""
         h = F.embedding(input_ids, self.embed)  # a fresh tensor: safe to update in place
+        a = ctx.attn
+        if (self.stack is not None and kv_caches is self._stack_kv and ctx.lora is None and not a.prefills
+                and a.fused_decode and a.num_decode == h.shape[0]):
+            # Every row attends through the paged kernel: all layers in one C++ call (same kernels, same result).
+            return self.stack.forward(h, ctx.cos, ctx.sin, a.slot_mapping, a.decode_block_table, a.decode_seq_lens)
         resid: torch.Tensor | None = None
         for layer, (kc, vc) in zip(self.layers, kv_caches):
             h, resid = layer(h, resid, ctx, kc, vc)

@@ -66,6 +66,8 @@ class ModelRunner:
         # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
         self.kv = torch.zeros(m.num_layers, 2, num_blocks, bs, m.num_kv_heads, m.head_dim, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(m.num_layers)]
+        log.info("decoder layers: %s", "C++ loop for row-wise steps" if self.model.bind_kv_cache(self.kv_caches)
+                 else "Python loop")
         self.sampler = Sampler()
         # Decode attention backend, chosen once: the C++ paged kernel on CPU when it builds.
         self.fused_decode = self.device.type == "cpu" and attention_cpu.available()

@@ -510,6 +510,7 @@ bool fo_has_avx512() { return OPENLORA_FO_AVX512 != 0; }
 
 // The kernels touch no Python object, so they release the GIL: a server's event loop thread can
 // run while the engine thread is inside one (see openlora/engine/async_engine.py).
+#ifndef OPENLORA_UNITY_BUILD  // csrc/decoder_cpu.cpp compiles this file into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of x [T, h] -> [T, h], or None if unsupported", py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("weight"), py::arg("eps"));
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta (in place), then RMSNorm(h) -> [T, h], or None if unsupported", py::call_guard<py::gil_scoped_release>(), py::arg("h"),
@@ -526,3 +527,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_min_parallel_elems", &get_min_parallel_elems);
   m.def("has_avx512", &fo_has_avx512, "whether the AVX-512 (Sleef exp) path was compiled in");
 }
+#endif  // OPENLORA_UNITY_BUILD

@@ -273,9 +273,11 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const 
 #endif
 }
 
+#ifndef OPENLORA_UNITY_BUILD  // csrc/decoder_cpu.cpp compiles this file into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "whether this CPU and OS allow AMX bf16 tiles");
   m.def("pack_weight", &pack_weight, "W [N, K] bf16 -> AMX tile layout", py::arg("w"));
   m.def("linear", &linear, "x [M, K] @ W^T (+ bias) -> [M, N] bf16", py::call_guard<py::gil_scoped_release>(),
         py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("n"));
 }
+#endif  // OPENLORA_UNITY_BUILD

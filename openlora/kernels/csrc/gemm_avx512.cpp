@@ -295,6 +295,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const 
   return run<float>(x, packed, bias, N);
 }
 
+#ifndef OPENLORA_UNITY_BUILD  // csrc/decoder_cpu.cpp compiles this file into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "whether the kernel for this dtype name was compiled in", py::arg("dtype"));
   m.def("pack_weight", &pack_weight, "W [N, K] -> [ceil(N/48), ceil(K/G), 48 G] panels (G = 1 fp32, 2 bf16)",
@@ -302,3 +303,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x [M, K] @ W^T (+ bias) -> [M, N]", py::call_guard<py::gil_scoped_release>(),
         py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("n"));
 }
+#endif  // OPENLORA_UNITY_BUILD

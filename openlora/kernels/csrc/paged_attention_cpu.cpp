@@ -598,6 +598,7 @@ bool pa_has_avx512() { return OPENLORA_PA_AVX512 != 0; }
 
 // The kernels touch no Python object, so they release the GIL: a server's event loop thread can
 // run while the engine thread is inside one (see openlora/engine/async_engine.py).
+#ifndef OPENLORA_UNITY_BUILD  // csrc/decoder_cpu.cpp compiles this file into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention (one query row per sequence)", py::call_guard<py::gil_scoped_release>(), py::arg("q"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("seq_lens"), py::arg("scale"),
@@ -607,3 +608,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::arg("window"), py::arg("portable"), py::arg("out") = py::none());
   m.def("has_avx512", &pa_has_avx512, "whether the AVX-512 kernels were compiled in");
 }
+#endif  // OPENLORA_UNITY_BUILD

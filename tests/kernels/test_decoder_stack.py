@@ -1,0 +1,92 @@
+"""The C++ decoder loop (openlora.kernels.decoder) against the Python layer loop it replaces: the same kernels
+in the same order, so logits must be bit-identical (torch.equal), in fp32 and bf16, for every architecture
+the loader supports; steps it cannot take (long chunks through SDPA) must fall back to the Python loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openlora import LLM, SamplingParams
+from openlora.kernels import decoder
+from openlora.model.linear import linear_backend
+from openlora.worker import model_runner
+from tiny_models import ARCHS
+
+
+def _loop_runs_here(dtype: torch.dtype) -> bool:
+    return decoder.available() and linear_backend(torch.device("cpu"), dtype) in decoder.BACKENDS
+
+
+class CountingStack:
+    """Wraps the C++ stack and counts the steps it ran."""
+
+    def __init__(self, stack) -> None:
+        self.stack, self.calls = stack, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return self.stack.forward(*args)
+
+
+PROMPTS = [[5, 9, 33, 2, 71, 8, 100, 42, 17], [3, 4], list(range(10, 47)), [200, 201, 202, 203, 204, 205]]
+
+
+def run(llm: LLM, params: SamplingParams) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """Token ids and the captured logits rows of each prompt, in prompt order."""
+    cap: list = []
+    llm.engine.runner.capture_logits = cap
+    outs = llm.generate(PROMPTS, params)
+    llm.engine.runner.capture_logits = None
+    by_req: dict[str, list[torch.Tensor]] = {}
+    for rid, row in cap:
+        by_req.setdefault(rid, []).append(row)
+    return [o.outputs[0].token_ids for o in outs], [by_req[o.request_id] for o in outs]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", [*ARCHS, "mistral-window"])
+def test_cpp_loop_bit_identical_to_python_loop(tiny_model_factory, arch, dtype, monkeypatch):
+    if not _loop_runs_here(getattr(torch, dtype)):
+        pytest.skip(f"the C++ decoder loop does not run here for {dtype} (needs AVX-512 GEMM backends)")
+    # A window (8) shorter than the prompts exercises the windowed attention path too.
+    path = tiny_model_factory("mistral", sliding_window=8) if arch == "mistral-window" else tiny_model_factory(arch)
+    # Chunks longer than 8 tokens go to SDPA: the first step (the 9- and 37-token prompts) must fall back to
+    # the Python loop; later steps (decode rows, the short prompts' chunks) run in C++.
+    monkeypatch.setattr(model_runner, "FUSED_PREFILL_MAX_TOKENS", 8)
+    llm = LLM(str(path), dtype=dtype, block_size=4, num_kv_blocks=128, max_num_batched_tokens=24,
+              enable_prefix_caching=False)  # the second run must recompute the same chunks
+    model = llm.engine.runner.model
+    assert model.stack is not None
+    stack = CountingStack(model.stack)
+    model.stack = stack
+    params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+    toks_cpp, logits_cpp = run(llm, params)
+    steps = llm.engine.stats["steps"]
+    assert 0 < stack.calls < steps  # both loops ran (the long chunks took the Python loop)
+    model.stack = None
+    toks_py, logits_py = run(llm, params)
+    assert toks_cpp == toks_py
+    for i, (rows_cpp, rows_py) in enumerate(zip(logits_cpp, logits_py, strict=True)):
+        for a, b in zip(rows_cpp, rows_py, strict=True):
+            assert torch.equal(a, b), f"prompt {i}: max diff {(a - b).abs().max().item()}"
+
+
+def test_cpp_loop_takes_every_row_wise_step(tiny_model_factory):
+    if not _loop_runs_here(torch.float32):
+        pytest.skip("the C++ decoder loop does not run here (needs the AVX-512 fp32 GEMM)")
+    llm = LLM(str(tiny_model_factory("qwen2")), dtype="float32", block_size=4, num_kv_blocks=128)
+    stack = CountingStack(llm.engine.runner.model.stack)
+    llm.engine.runner.model.stack = stack
+    llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert stack.calls == llm.engine.stats["steps"]  # every chunk is short: all steps in C++
+
+
+def test_no_cpp_loop_with_other_linear_backends(tiny_model_factory, monkeypatch):
+    """With a linear backend whose weights the loop cannot use (here plain F.linear), the model keeps the
+    Python loop and still generates."""
+    monkeypatch.setenv("OPENLORA_LINEAR_BACKEND", "torch")
+    llm = LLM(str(tiny_model_factory("llama")), dtype="float32", block_size=4, num_kv_blocks=64)
+    assert llm.engine.runner.model.stack is None
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4
