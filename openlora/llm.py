@@ -115,7 +115,7 @@ class LLM:
             raise
         final: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
+            for out in self.engine.step(finished_only=True):
                 if out.finished:
                     final[out.request_id] = out
         return [final[i] for i in ids]

@@ -152,8 +152,9 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     # ---- the step ---------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """One scheduling + forward + sampling round. Returns outputs of requests that progressed."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """One scheduling + forward + sampling round. Returns outputs of requests that progressed (only
+        those that finished with `finished_only`: offline generate skips building the others)."""
         sched = self.scheduler.schedule()
         touched: dict[str, _Group] = {}
         for req in sched.failed:
@@ -178,7 +179,8 @@ class LLMEngine:
                 self._detokenize(req, g, i, out.logprobs.get(req.request_id))
         outputs = []
         for g in touched.values():
-            outputs.append(self._output(g))
+            if g.finished or not finished_only:
+                outputs.append(self._output(g))
             self._finish_group_if_done(g)
         return outputs
 

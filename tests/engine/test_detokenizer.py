@@ -188,8 +188,16 @@ def test_decodes_only_a_small_window(byte_level) -> None:
     out = byte_level.encode(_random_text(rng, 400), add_special_tokens=False)
     seen: list[int] = []
     real_decode = byte_level.decode
+    backend = byte_level.backend_tokenizer
+
+    class BackendSpy:  # the Rust tokenizer, which the detokenizer calls directly for fast tokenizers
+        def decode(self, ids, **kw):
+            seen.append(len(ids))
+            return backend.decode(ids, **kw)
 
     class Spy:
+        backend_tokenizer = BackendSpy()
+
         def __getattr__(self, name):
             return getattr(byte_level, name)
 
