@@ -23,8 +23,8 @@
 // Measured at M=32 over 30 layers' distinct weights of the SmolLM2-135M shapes plus the LM head:
 //   Intel Xeon (AMX machine), fp32, A/B in one process: 142-148 GFLOP/s against 116 for a version that
 //     copied x k-major before every call and prefetched only from the first row block; oneDNN 102-112;
-//   AMD EPYC Zen 4 (2 cores): fp32 211 GFLOP/s (FMA peak 229), bf16 395 (VDPBF16PS peak 468); the set
-//     takes 23 ms in bf16 against 30 with oneDNN's packed linear;
+//   AMD EPYC Zen 4 (2 cores): fp32 211 GFLOP/s (FMA peak 229), bf16 395 (VDPBF16PS peak 468), 412 with
+//     the pinned 8-row block (micro8_bf16); the set took 23 ms in bf16 against 30 with oneDNN's packed linear;
 //     without the B prefetch below, bf16 1.2x and fp32 1.7x slower.
 //
 // Numerics: products and sums in fp32, each output summed in k order (bf16: one k pair per step;
@@ -126,8 +126,9 @@ inline void micro(const T* a, int64_t lda, const T* b, int64_t steps, float* acc
 // vectors to zmm0-zmm2 (local register variables used as asm operands). Left to itself, GCC 12 kept two
 // of the 24 accumulators of micro<bf16, 8> in stack slots, loading and storing them at every k step
 // (perf annotate on the bf16 bench workload: about a fifth of the kernel's samples on that reload).
-// A/B in one process (M=32, 30 layers' distinct weights + LM head, AMD Zen 4): 370 -> 387 GFLOP/s; M=1024
-// alike (379 / 377). The same pinning for fp32 measured 3% slower (205 -> 198), so fp32 keeps micro<>.
+// A/B in one process (30 layers' distinct weights + LM head, AMD Zen 4, bf16): M=32 386 -> 412 GFLOP/s
+// (VDPBF16PS peak 468), M=1024 386 -> 405. The same block for fp32 measured alike (M=32 199 vs 202,
+// M=1024 189 vs 190), so fp32 keeps micro<>.
 #define OPENLORA_GEMM_ROW(A, C0, C1, C2)                                                                   \
   asm("vdpbf16ps %[a]%{1to16%}, %[b0], %[c0]\n\tvdpbf16ps %[a]%{1to16%}, %[b1], %[c1]\n\t"                \
       "vdpbf16ps %[a]%{1to16%}, %[b2], %[c2]"                                                               \
@@ -166,9 +167,15 @@ inline void micro8_bf16(const bf16* a, int64_t lda, const bf16* b, int64_t steps
     OPENLORA_GEMM_ROW(xs[6 * ld], c60, c61, c62);
     OPENLORA_GEMM_ROW(xs[7 * ld], c70, c71, c72);
   }
-  const __m512 out[24] = {c00, c01, c02, c10, c11, c12, c20, c21, c22, c30, c31, c32,
-                          c40, c41, c42, c50, c51, c52, c60, c61, c62, c70, c71, c72};
-  for (int i = 0; i < 24; ++i) _mm512_storeu_ps(acc + 16 * i, out[i]);
+  // Stored one by one: an array of the 24 values made GCC copy them through the stack with memcpy.
+  _mm512_storeu_ps(acc, c00), _mm512_storeu_ps(acc + 16, c01), _mm512_storeu_ps(acc + 32, c02);
+  _mm512_storeu_ps(acc + 48, c10), _mm512_storeu_ps(acc + 64, c11), _mm512_storeu_ps(acc + 80, c12);
+  _mm512_storeu_ps(acc + 96, c20), _mm512_storeu_ps(acc + 112, c21), _mm512_storeu_ps(acc + 128, c22);
+  _mm512_storeu_ps(acc + 144, c30), _mm512_storeu_ps(acc + 160, c31), _mm512_storeu_ps(acc + 176, c32);
+  _mm512_storeu_ps(acc + 192, c40), _mm512_storeu_ps(acc + 208, c41), _mm512_storeu_ps(acc + 224, c42);
+  _mm512_storeu_ps(acc + 240, c50), _mm512_storeu_ps(acc + 256, c51), _mm512_storeu_ps(acc + 272, c52);
+  _mm512_storeu_ps(acc + 288, c60), _mm512_storeu_ps(acc + 304, c61), _mm512_storeu_ps(acc + 320, c62);
+  _mm512_storeu_ps(acc + 336, c70), _mm512_storeu_ps(acc + 352, c71), _mm512_storeu_ps(acc + 368, c72);
 }
 #undef OPENLORA_GEMM_ACC
 #undef OPENLORA_GEMM_ROW
