@@ -29,8 +29,9 @@ DEFAULT_MM_MIN_TOKENS = 512
 
 
 def load_extension() -> ModuleType:
-    """The compiled C++ SGMV module (see openlora.kernels.build)."""
-    return build_extension("sgmv", "sgmv_cpu.cpp", "SGMV")
+    """The compiled C++ SGMV module (see openlora.kernels.build). -ffp-contract=off as in
+    csrc/decoder_cpu.cpp, which compiles the same source: both builds then round alike."""
+    return build_extension("sgmv", "sgmv_cpu.cpp", "SGMV", ("-ffp-contract=off",))
 
 
 class CppBackend(LoRABackend):

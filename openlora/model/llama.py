@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openlora.config import ModelConfig
+from openlora.config import LORA_SITES, ModelConfig
 from openlora.kernels import attention_cpu, decoder, fused_ops
 from openlora.model.attention import paged_attention, write_kv
 from openlora.model.linear import Linear, linear_backend
@@ -122,11 +122,17 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden] (normed)."""
         h = F.embedding(input_ids, self.embed)  # a fresh tensor: safe to update in place
-        a = ctx.attn
-        if (self.stack is not None and kv_caches is self._stack_kv and ctx.lora is None and not a.prefills
-                and a.fused_decode and a.num_decode == h.shape[0]):
+        a, lc = ctx.attn, ctx.lora
+        if (self.stack is not None and kv_caches is self._stack_kv and not a.prefills and a.fused_decode
+                and a.num_decode == h.shape[0] and (lc is None or lc.backend.name == "cpp")):
             # Every row attends through the paged kernel: all layers in one C++ call (same kernels, same result).
-            return self.stack.forward(h, ctx.cos, ctx.sin, a.slot_mapping, a.decode_block_table, a.decode_seq_lens)
+            args = (h, ctx.cos, ctx.sin, a.slot_mapping, a.decode_block_table, a.decode_seq_lens)
+            if lc is None or lc.batch.empty:
+                return self.stack.forward(*args)
+            b = lc.batch
+            sites = [None if (r := b.sites.get(s)) is None else [lc.a[s], lc.bt[s], r.row_idx, r.row_indptr, r.row_scale]
+                     for s in LORA_SITES]
+            return self.stack.forward_lora(*args, b.token_idx, b.seg_indptr, sites, lc.backend.mm_min_tokens)
         resid: torch.Tensor | None = None
         for layer, (kc, vc) in zip(self.layers, kv_caches):
             h, resid = layer(h, resid, ctx, kc, vc)

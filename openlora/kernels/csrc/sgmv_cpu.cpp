@@ -401,8 +401,10 @@ bool sgmv_has_avx512() { return OPENLORA_AVX512 != 0; }
 
 // The kernels touch no Python object, so they release the GIL: a server's event loop thread can
 // run while the engine thread is inside one (see openlora/engine/async_engine.py).
+#ifndef OPENLORA_UNITY_BUILD  // csrc/decoder_cpu.cpp compiles this file into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgmv", &sgmv_cpu, "SGMV LoRA apply on the CPU (adds into y in place)",
         py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512", &sgmv_has_avx512, "whether the AVX-512 kernels were compiled in");
 }
+#endif  // OPENLORA_UNITY_BUILD
