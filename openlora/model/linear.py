@@ -7,8 +7,9 @@ bench/throughput.py's `dense_matmuls_only_ms`).
 
 bf16 on a CPU with AVX512_BF16 but no AMX (AMD Zen 4): the same panel kernel as fp32 below with
 VDPBF16PS on k-pair panels (openlora.kernels.gemm.BF16); at batch 32 over 30 layers' distinct weights
-plus the LM head 23 ms against 30 ms for oneDNN's packed linear (AMD VM, 2026-11-30); at M=1024
-(prefill) 6-11% slower than oneDNN per shape, measured before the embedded-broadcast change.
+plus the LM head 23 ms against 30 ms for oneDNN's packed linear (AMD VM, 2026-11-30), 21 ms (412
+GFLOP/s) once its 8-row block kept all accumulators in registers; at M=1024 (prefill) 6-11% slower than
+oneDNN per shape, measured before the embedded-broadcast change and that register fix (405 GFLOP/s now).
 
 fp32 on a CPU with AVX-512: our FMA kernel (openlora.kernels.gemm.F32) on 48-column weight panels;
 at M=32 over 30 layers' distinct weights 1.1-1.4x oneDNN's packed linear here (50-57 ms against
