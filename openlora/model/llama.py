@@ -95,8 +95,8 @@ class LlamaModel(nn.Module):
             torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
         self.lm_head_proj: Linear | None = None  # set by load_weights
         self.register_buffer("inv_freq", inv_frequencies(cfg), persistent=False)
-        # The layer loop in C++ for row-wise steps without LoRA (openlora.kernels.decoder), over the KV
-        # caches it was bound to; None when it cannot run here.
+        # The layer loop in C++ for row-wise steps, LoRA included (openlora.kernels.decoder), over the KV
+        # caches and weights it was bound to (bind_kv_cache); None when it cannot run here.
         self.stack = None
         self._stack_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -124,7 +124,7 @@ class LlamaModel(nn.Module):
         h = F.embedding(input_ids, self.embed)  # a fresh tensor: safe to update in place
         a, lc = ctx.attn, ctx.lora
         if (self.stack is not None and kv_caches is self._stack_kv and not a.prefills and a.fused_decode
-                and a.num_decode == h.shape[0] and (lc is None or lc.backend.name == "cpp")):
+                and 0 < a.num_decode == h.shape[0] and (lc is None or lc.backend.name == "cpp")):
             # Every row attends through the paged kernel: all layers in one C++ call (same kernels, same result).
             args = (h, ctx.cos, ctx.sin, a.slot_mapping, a.decode_block_table, a.decode_seq_lens)
             if lc is None or lc.batch.empty:
@@ -148,7 +148,9 @@ class LlamaModel(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, reader: CheckpointReader) -> None:
-        """Copy checkpoint tensors in, fusing q/k/v and gate/up."""
+        """Copy checkpoint tensors in, fusing q/k/v and gate/up. Drops the C++ layer loop, which holds the
+        previous packed weights: bind_kv_cache builds it again."""
+        self.stack, self._stack_kv = None, None
         g = reader.get
         backend = linear_backend(self.embed.device, self.dtype)
         self.embed.copy_(g("model.embed_tokens.weight"))
