@@ -130,8 +130,8 @@ class LlamaModel(nn.Module):
             if lc is None or lc.batch.empty:
                 return self.stack.forward(*args)
             b = lc.batch
-            sites = [None if (r := b.sites.get(s)) is None else [lc.a[s], lc.bt[s], r.row_idx, r.row_indptr, r.row_scale]
-                     for s in LORA_SITES]
+            sites = [None if (r := b.sites.get(s)) is None
+                     else [lc.a[s], lc.bt[s], r.row_idx, r.row_indptr, r.row_scale] for s in LORA_SITES]
             return self.stack.forward_lora(*args, b.token_idx, b.seg_indptr, sites, lc.backend.mm_min_tokens)
         resid: torch.Tensor | None = None
         for layer, (kc, vc) in zip(self.layers, kv_caches):
