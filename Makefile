@@ -10,10 +10,16 @@ $(VENV)/.installed: requirements-lock.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-lock.txt
+	$(PY) -m pip install -q --no-deps -r requirements-demo.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-setup: $(VENV)/.installed
+# The C++ kernels compile here, not on the first request (cached by content under ~/.cache/openlora).
+$(VENV)/.kernels: $(VENV)/.installed $(wildcard openlora/kernels/csrc/*) openlora/kernels/build.py
+	$(PY) -m openlora.kernels.build
+	touch $@
+
+setup: $(VENV)/.installed $(VENV)/.kernels
 
 serve: setup  ## serve the demo model and adapters (or ARGS="--model PATH ...") on 127.0.0.1:8000
 	$(VENV)/bin/openlora serve $(ARGS)

@@ -44,6 +44,26 @@ def smol_model_dir() -> Path:
     return path
 
 
+def add_model_arg(ap) -> None:
+    """`--model`: `random` (random-init SmolLM2-135M shape, the default), `default` (the real demo model,
+    SmolLM2-135M-Instruct from its GGUF file), or a model folder / GGUF file."""
+    ap.add_argument("--model", default="random",
+                    help="random | default (SmolLM2-135M-Instruct) | model folder or .gguf file")
+
+
+def resolve_model(arg: str) -> tuple[Path, str]:
+    """(HF folder, label for the JSON) for a `--model` value."""
+    if arg == "random":
+        return smol_model_dir(), "random-init SmolLM2-135M shape"
+    if arg == "default":
+        from openlora.demo import DEMO_MODEL_ID, ensure_demo_model
+
+        return ensure_demo_model(), f"{DEMO_MODEL_ID} (Q4_1 GGUF, dequantized)"
+    from openlora.llm import _resolve_model_path
+
+    return Path(_resolve_model_path(arg)), arg
+
+
 def prompts_32x32(n: int = 32, length: int = 32, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 32000, (n, length), generator=g).tolist()

@@ -4,7 +4,8 @@ the ratio is the median of the per-round ratios), plus the roofline ratio, the s
 timed alone, and the step's reads timed as cold torch.sum reads of the same sizes (`cold_chunk_reads_ms`:
 what memory costs when a step reads ~150 separate weight matrices and K/V slabs from cold caches).
 
-Run: python bench/throughput.py [--dtypes float32,bfloat16] [--skip-hf]
+Run: python bench/throughput.py [--model random|default|PATH] [--dtypes float32,bfloat16] [--skip-hf]
+(`--model default`: the real demo model, SmolLM2-135M-Instruct; the JSON names the model used.)
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (cold_chunk_reads_ms, decode_roofline_s, dense_floor_ms, emit, hf_generate_fn,  # noqa: E402
-                    measure_machine, median_ratio, model_counts, paired_runs, prompts_32x32, smol_model_dir, step_read_chunks,
-                    time_generate, wall_and_step_ms)
+from common import (add_model_arg, cold_chunk_reads_ms, decode_roofline_s, dense_floor_ms, emit,  # noqa: E402
+                    hf_generate_fn, measure_machine, median_ratio, model_counts, paired_runs, prompts_32x32,
+                    resolve_model, step_read_chunks, time_generate, wall_and_step_ms)
 
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    add_model_arg(ap)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -33,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(2)
     from openlora import LLM
 
-    path = smol_model_dir()
+    path, model_label = resolve_model(args.model)
     prompts = prompts_32x32()
     n, new = len(prompts), args.new_tokens
     for dname in args.dtypes.split(","):
@@ -64,7 +66,7 @@ def main() -> None:
         roof = decode_roofline_s(lin, total, n, 32 + new // 2, kv_tok, elem, machine)
         cold = cold_chunk_reads_ms(step_read_chunks(m, n, 32 + new // 2, elem))
         res = {
-            "bench": "throughput", "dtype": dname, "requests": n, "prompt_tokens": 32, "new_tokens": new,
+            "bench": "throughput", "model": model_label, "dtype": dname, "requests": n, "prompt_tokens": 32, "new_tokens": new,
             "threads": torch.get_num_threads(), "wall_s": wall, "tokens_per_s": n * new / wall,
             "decode_step_ms": step_ms, "decode_tokens_per_s": 1e3 * n / step_ms, **machine, **roof,
             "roofline_ratio": step_ms / roof["roofline_step_ms"],

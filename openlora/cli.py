@@ -20,8 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_run_bench)
 
-    demo = sub.add_parser("demo", help="build the built-in demo model and adapters and print their paths")
+    demo = sub.add_parser("demo", help="prepare the built-in demo model (SmolLM2-135M-Instruct) and print where it "
+                                       "and its adapters are")
     demo.set_defaults(func=_run_demo)
+
+    kernels = sub.add_parser("build-kernels", help="compile the C++ CPU kernels now (make setup runs this)")
+    kernels.set_defaults(func=_run_build_kernels)
 
     from openlora.lora.merge_cli import add_adapter_commands
 
@@ -47,12 +51,19 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from openlora.demo import ensure_demo_adapters, ensure_demo_model
+    from openlora.demo import demo_adapters, ensure_demo_model
 
     model = ensure_demo_model()
     print(f"model: {model}")
-    for name, path in ensure_demo_adapters(model).items():
+    for name, path in demo_adapters().items():
         print(f"adapter {name}: {path}")
+    return 0
+
+
+def _run_build_kernels(args: argparse.Namespace) -> int:
+    from openlora.kernels.build import main as build_main
+
+    build_main()
     return 0
 
 

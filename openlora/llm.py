@@ -22,7 +22,7 @@ def build_engine_config(model: str | None = None, *, dtype: str = "float32", dev
                         enable_prefix_caching: bool = True, max_loras: int = 32, max_cpu_loras: int = 128,
                         max_lora_rank: int = 64, lora_pool_rows: int | None = None, num_threads: int | None = None,
                         max_waiting: int = 4096, seed: int = 0) -> EngineConfig:
-    """Engine options -> EngineConfig. No model means the built-in demo model."""
+    """Engine options -> EngineConfig. No model means the built-in demo model (SmolLM2-135M-Instruct)."""
     import torch
 
     if model is None:
@@ -45,9 +45,14 @@ def build_engine_config(model: str | None = None, *, dtype: str = "float32", dev
 
 
 def _resolve_model_path(model: str) -> str:
-    """A local folder, or a hub repo id fetched through huggingface_hub into its cache."""
+    """A local folder, a GGUF file (converted once into a cached HF folder), or a hub repo id fetched
+    through huggingface_hub into its cache."""
+    from openlora.model.gguf import converted_dir, is_gguf
+
     if Path(model).is_dir():
         return str(Path(model))
+    if is_gguf(model):
+        return str(converted_dir(model))
     from huggingface_hub import snapshot_download
 
     from openlora.errors import ModelLoadError
@@ -69,9 +74,9 @@ class LLM:
         self.engine = LLMEngine(self.config, lora_manager=self.lora)
         self._ids = itertools.count()
         if model is None:  # the built-in demo model comes with its demo adapters
-            from openlora.demo import ensure_demo_adapters
+            from openlora.demo import demo_adapters
 
-            for name, path in ensure_demo_adapters(Path(self.config.model.path)).items():
+            for name, path in demo_adapters().items():
                 self.register_adapter(name, str(path))
 
     @property

@@ -47,6 +47,7 @@ MANIFEST_FILENAME = "attribution.json"
 _ALLOWED_KEYS = {
     "owner", "version", "base_model", "datasets", "price_per_1k_prompt_tokens",
     "price_per_1k_completion_tokens", "split", "access",
+    "description",  # free text for people (e.g. "demo keys"); not part of any payout
 }
 
 
@@ -214,6 +215,8 @@ def parse_manifest(raw: Any) -> Manifest:
     if unknown:
         raise _fail(sorted(unknown)[0], "unknown field")
     owner = _address(raw.get("owner"), "owner")
+    if "description" in raw:
+        _str(raw["description"], "description")
     version = raw.get("version")
     if isinstance(version, int) and not isinstance(version, bool):
         version = str(version)

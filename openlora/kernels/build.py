@@ -30,25 +30,34 @@ def cpu_tag() -> str:
     return hashlib.sha1(f"{torch.__version__}|{platform.machine()}|{flags}".encode()).hexdigest()[:10]
 
 
+def module_name(stem: str, source: str, cflags: tuple[str, ...], includes: tuple[str, ...] = ()) -> str:
+    """`openlora_<stem>_<key>`: the key hashes the CPU tag, the flags and the bytes of every source.
+
+    NOTE: torch's own rebuild check keeps one build per module name and rebuilds when the sources
+    change, so two checkouts with different sources sharing one cache under the same name rebuilt each
+    other's modules at every alternate start. Naming by content makes each distinct build its own
+    module: checkouts with equal sources share it, others never collide."""
+    h = hashlib.sha1(f"{cpu_tag()}|{' '.join(cflags)}|".encode())
+    for f in (source, *includes):
+        h.update(f.encode() + b"\0" + (CSRC / f).read_bytes())
+    return f"openlora_{stem}_{h.hexdigest()[:12]}"
+
+
 @functools.lru_cache(maxsize=None)
 def build_extension(stem: str, source: str, label: str, extra_cflags: tuple[str, ...] = (),
                     includes: tuple[str, ...] = ()) -> ModuleType:
-    """Compile `csrc/<source>` (first use only; cached under cache_dir()/torch_extensions; rebuilt
-    when the source changes) and load it. Raises whatever the compiler or loader raised.
-    `includes`: other csrc files the source #includes; their contents are part of the module name,
-    since torch's rebuild check hashes only the listed sources."""
+    """Compile `csrc/<source>` (once per distinct content and flags; cached under
+    cache_dir()/torch_extensions) and load it. Raises whatever the compiler or loader raised.
+    `includes`: other csrc files the source #includes (their contents are part of the name)."""
     from torch.utils import cpp_extension
 
-    name = f"openlora_{stem}_{cpu_tag()}"
-    if includes:
-        h = hashlib.sha1(b"".join((CSRC / f).read_bytes() for f in includes)).hexdigest()[:8]
-        name += f"_{h}"
+    cflags = ("-O3", "-march=native", "-fopenmp", *extra_cflags)
+    name = module_name(stem, source, cflags, includes)
     build_dir = cache_dir() / "torch_extensions" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     logger.info("loading C++ %s extension %s (compiled on first use in %s)", label, name, build_dir)
     return cpp_extension.load(
-        name=name, sources=[str(CSRC / source)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags], extra_ldflags=["-fopenmp"],
+        name=name, sources=[str(CSRC / source)], extra_cflags=list(cflags), extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir), verbose=False,
     )
 
@@ -63,3 +72,30 @@ def try_build(load, label: str, fallback: str) -> bool:
         logger.warning("C++ %s unavailable (%s: %s); %s", label, type(e).__name__,
                        msg.splitlines()[-1] if msg else "", fallback)
         return False
+
+
+def build_all() -> dict[str, bool]:
+    """Compile every C++ kernel module now (`make setup` runs this, so no request waits for a
+    compiler). Returns label -> built; a failure is logged and leaves that kernel's fallback."""
+    from openlora.kernels import attention_cpu, cpu, decoder, fused_ops, gemm
+
+    loaders = {"SGMV": cpu.load_extension, "paged attention": attention_cpu.load_extension,
+               "fused ops": fused_ops.load_extension, "AVX-512 GEMM": gemm.F32.load_extension,
+               "AMX GEMM": gemm.AMX.load_extension, "decoder loop": decoder.load_extension}
+    return {label: try_build(load, label, "its fallback will be used") for label, load in loaders.items()}
+
+
+def main() -> None:
+    """`python -m openlora.kernels.build`: build all kernels, print what was built and how long it took."""
+    import json
+    import time
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    t0 = time.monotonic()
+    built = build_all()
+    print(json.dumps({"built": built, "seconds": round(time.monotonic() - t0, 1),
+                      "cache": str(cache_dir() / "torch_extensions")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,6 @@ from openlora.server.state import ReceiptHook, ServerState
 
 log = logging.getLogger("openlora.server")
 
-DEMO_MODEL_ID = "openlora-demo"
 
 
 @dataclass
@@ -45,10 +44,16 @@ class ServeOptions:
 
 
 def model_id_for(model: str | None) -> str:
-    """The id clients put in `model` for the base model: folder name, hub id, or the demo's."""
+    """The id clients put in `model` for the base model: folder name, GGUF file stem, hub id, or the
+    demo's (SmolLM2-135M-Instruct)."""
+    from openlora.demo import DEMO_MODEL_ID
+
     if model is None:
         return DEMO_MODEL_ID
-    return Path(model).name if Path(model).is_dir() else model
+    p = Path(model)
+    if p.is_dir():
+        return p.name
+    return p.stem if p.is_file() else model
 
 
 def build_state(opts: ServeOptions) -> ServerState:
@@ -60,11 +65,10 @@ def build_state(opts: ServeOptions) -> ServerState:
     adapters = list(opts.adapters)
     model = opts.model
     if model is None:
-        from openlora.demo import ensure_demo_adapters, ensure_demo_model
+        from openlora.demo import DEMO_MODEL_ID, demo_adapters, ensure_demo_model
 
-        model_dir = ensure_demo_model()
-        model = str(model_dir)
-        adapters = [(n, str(p)) for n, p in ensure_demo_adapters(model_dir).items()] + adapters
+        model = str(ensure_demo_model())
+        adapters = [(n, str(p)) for n, p in demo_adapters().items()] + adapters
         model_id = DEMO_MODEL_ID
     else:
         model_id = model_id_for(model)
