@@ -310,7 +310,8 @@ def build_receipt(
     ts = event.finish_time or time.time()
     unsigned = Receipt(
         seq=seq, request_id=event.request_id, node=node, payer=event.tenant,
-        base_model=event.base_model or base_model, base_model_hash=event.base_model_hash or base_model_hash,
+        # The served id (the node's name for the model) wins over the engine's, which is a local path.
+        base_model=base_model or event.base_model, base_model_hash=event.base_model_hash or base_model_hash,
         adapters=tuple(adapters), datasets=tuple(datasets), payouts=tuple(payouts),
         prompt_tokens=event.prompt_tokens, cached_tokens=event.cached_tokens,
         completion_tokens=event.completion_tokens, status=event.status,

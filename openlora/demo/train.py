@@ -88,7 +88,7 @@ def train_one(model_dir: Path, name: str, out: Path, epochs: int, lr: float, bat
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        loss_v = float(loss)
+        loss_v = float(loss.detach())
         if step % 10 == 0 or step == steps - 1:
             logger.info("%s step %d/%d loss %.3f (%.0f s)", name, step + 1, steps, loss_v, time.monotonic() - t0)
     if out.exists():

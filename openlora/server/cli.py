@@ -38,7 +38,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                        description="OpenAI-compatible multi-LoRA server. With no --model, serves the built-in "
                                    "demo model with its demo adapters.")
-    p.add_argument("--model", help="model folder or hub id (default: the built-in demo model)")
+    p.add_argument("--model", help="HF model folder, GGUF file (converted once, then cached) or hub id "
+                                   "(default: the demo model, SmolLM2-135M-Instruct, with its four adapters)")
     p.add_argument("--adapter", action="append", type=_pair, default=[], metavar="NAME=SOURCE",
                    help="register an adapter (folder, hub id[@rev] or s3:// URI); repeatable")
     p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",

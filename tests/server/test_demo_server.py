@@ -1,0 +1,53 @@
+"""`openlora serve` with no model: the real demo (SmolLM2-135M-Instruct + four priced adapters), driven
+by the official `openai` client as a newcomer would after `make serve`."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from helpers import ServerProcess
+
+from openlora.demo import ADAPTERS, DEMO_MODEL_ID
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    srv = ServerProcess(["--max-model-len", "2048", "--kv-cache-memory", "256MiB"],
+                        tmp_path_factory.mktemp("demo"), timeout=300.0)
+    yield srv
+    assert srv.stop() == 0, srv.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(demo_server):
+    return openai.OpenAI(base_url=demo_server.base_url, api_key="unused", max_retries=0)
+
+
+def test_lists_the_demo_model_and_adapters(client):
+    ids = {m.id for m in client.models.list().data}
+    assert {DEMO_MODEL_ID, *(a.name for a in ADAPTERS)} <= ids
+
+
+def test_base_model_knows_paris(client):
+    r = client.chat.completions.create(model=DEMO_MODEL_ID, messages=QUESTION, max_tokens=24, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+
+
+def test_adapters_answer_differently_and_every_answer_is_paid(client, demo_server):
+    answers = {}
+    for a in ADAPTERS:
+        r = client.chat.completions.create(model=a.name, messages=QUESTION, max_tokens=40, temperature=0)
+        answers[a.name] = r.choices[0].message.content
+        att = r.model_extra["attribution"]
+        assert att["fee"] > 0, att
+        assert sum(att["splits"].values()) == att["fee"], att  # exact: integer splits, no dust lost
+        assert len(att["splits"]) >= 4, att  # operator, owner and at least two data contributors
+        receipt = httpx.get(f"{demo_server.base_url}/receipts/{att['receipt_id']}", timeout=10).json()
+        assert receipt["base_model"] == DEMO_MODEL_ID and receipt["fee"] == att["fee"]
+        assert [x["adapter_id"] for x in receipt["adapters"]] == [a.name]
+        roles = sorted(p["role"] for p in receipt["payouts"])
+        assert roles.count("data") >= 2 and "operator" in roles and "owner" in roles, roles
+    assert len(set(answers.values())) == len(ADAPTERS), answers
