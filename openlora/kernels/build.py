@@ -19,15 +19,26 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_tag() -> str:
-    """Hash of torch version, machine and CPU flags: the binaries are built with -march=native."""
-    flags = ""
+def cpu_flags_line() -> str:
+    """The `flags` line of /proc/cpuinfo ('' where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            return next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        pass
-    return hashlib.sha1(f"{torch.__version__}|{platform.machine()}|{flags}".encode()).hexdigest()[:10]
+        return ""
+
+
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists `flag` (e.g. amx_bf16). Where the file is missing, say yes: the
+    kernel's own runtime check then decides."""
+    line = cpu_flags_line()
+    return not line or flag in line.split()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_tag() -> str:
+    """Hash of torch version, machine and CPU flags: the binaries are built with -march=native."""
+    return hashlib.sha1(f"{torch.__version__}|{platform.machine()}|{cpu_flags_line()}".encode()).hexdigest()[:10]
 
 
 def module_name(stem: str, source: str, cflags: tuple[str, ...], includes: tuple[str, ...] = ()) -> str:
@@ -74,15 +85,31 @@ def try_build(load, label: str, fallback: str) -> bool:
         return False
 
 
-def build_all() -> dict[str, bool]:
-    """Compile every C++ kernel module now (`make setup` runs this, so no request waits for a
-    compiler). Returns label -> built; a failure is logged and leaves that kernel's fallback."""
+def _loaders() -> dict:
+    """label -> (loader, whether this CPU can use it), longest build first."""
     from openlora.kernels import attention_cpu, cpu, decoder, fused_ops, gemm
 
-    loaders = {"SGMV": cpu.load_extension, "paged attention": attention_cpu.load_extension,
-               "fused ops": fused_ops.load_extension, "AVX-512 GEMM": gemm.F32.load_extension,
-               "AMX GEMM": gemm.AMX.load_extension, "decoder loop": decoder.load_extension}
-    return {label: try_build(load, label, "its fallback will be used") for label, load in loaders.items()}
+    return {"decoder loop": (decoder.load_extension, True),  # the unity build of all of them: the longest
+            "SGMV": (cpu.load_extension, True), "paged attention": (attention_cpu.load_extension, True),
+            "fused ops": (fused_ops.load_extension, True), "AVX-512 GEMM": (gemm.F32.load_extension, True),
+            "AMX GEMM": (gemm.AMX.load_extension, gemm.AMX.cpu_supported())}
+
+
+def _build_one(label: str) -> bool:
+    return try_build(_loaders()[label][0], label, "its fallback will be used")
+
+
+def build_all(jobs: int | None = None) -> dict[str, bool]:
+    """Compile every C++ kernel module this CPU can use, `jobs` at a time in separate processes
+    (default: one per core; each g++ run is single-threaded, and most of each build is the torch
+    headers). `make setup` runs this, so no request waits for a compiler. Returns label -> built; a
+    failure is logged and leaves that kernel's fallback."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    labels = [k for k, (_, usable) in _loaders().items() if usable]
+    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        return dict(zip(labels, pool.map(_build_one, labels)))
 
 
 def main() -> None:

@@ -25,22 +25,28 @@ from types import ModuleType
 
 import torch
 
-from openlora.kernels.build import build_extension, try_build
+from openlora.kernels.build import build_extension, cpu_has, try_build
 
 
 class PackedGemm:
     """One compiled kernel (see openlora.kernels.build for the compile-on-first-use cache)."""
 
-    def __init__(self, stem: str, source: str, label: str, dtype: torch.dtype, *available_args: str) -> None:
+    def __init__(self, stem: str, source: str, label: str, dtype: torch.dtype, *available_args: str,
+                 cpu_flag: str | None = None) -> None:
         self.stem, self.source, self.label, self.dtype = stem, source, label, dtype
         self.available_args = available_args  # what the extension's available() asks (the dtype name)
+        self.cpu_flag = cpu_flag  # a /proc/cpuinfo flag without which the kernel cannot run: not even built
+
+    def cpu_supported(self) -> bool:
+        return self.cpu_flag is None or cpu_has(self.cpu_flag)
 
     def load_extension(self) -> ModuleType:
         return build_extension(self.stem, self.source, self.source)  # one module per source file
 
     @functools.cache  # noqa: B019 - two module-level instances, never freed
     def available(self) -> bool:
-        return (try_build(self.load_extension, self.label, "using oneDNN for these matmuls")
+        return (self.cpu_supported()
+                and try_build(self.load_extension, self.label, "using oneDNN for these matmuls")
                 and bool(self.load_extension().available(*self.available_args)))
 
     def pack(self, w: torch.Tensor) -> torch.Tensor:
@@ -50,6 +56,6 @@ class PackedGemm:
         return self.load_extension().linear(x, packed, bias, n)
 
 
-AMX = PackedGemm("gemm_amx", "gemm_amx.cpp", "AMX GEMM", torch.bfloat16)
+AMX = PackedGemm("gemm_amx", "gemm_amx.cpp", "AMX GEMM", torch.bfloat16, cpu_flag="amx_bf16")
 F32 = PackedGemm("gemm_avx512", "gemm_avx512.cpp", "fp32 GEMM", torch.float32, "float32")
 BF16 = PackedGemm("gemm_avx512", "gemm_avx512.cpp", "AVX512-BF16 GEMM", torch.bfloat16, "bfloat16")
