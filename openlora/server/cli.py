@@ -89,7 +89,13 @@ def run_serve(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting, api_keys=keys, admin_key=args.admin_key,
         attribution=not args.no_attribution, ledger=args.ledger, node_key=args.node_key,
         grace_period=args.grace_period)
-    state = build_state(opts)
+    from openlora.errors import ModelLoadError
+
+    try:
+        state = build_state(opts)
+    except ModelLoadError as e:  # a bad model is the operator's to fix: say what and where, no traceback
+        log.error("cannot serve: %s", e)
+        return 2
     app = create_app(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=args.grace_period + 5, log_config=None)

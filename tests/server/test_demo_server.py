@@ -3,6 +3,9 @@ by the official `openai` client as a newcomer would after `make serve`."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import httpx
 import openai
 import pytest
@@ -51,3 +54,13 @@ def test_adapters_answer_differently_and_every_answer_is_paid(client, demo_serve
         roles = sorted(p["role"] for p in receipt["payouts"])
         assert roles.count("data") >= 2 and "operator" in roles and "owner" in roles, roles
     assert len(set(answers.values())) == len(ADAPTERS), answers
+
+
+def test_serve_refuses_a_corrupt_gguf_with_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 4)  # the magic, then no valid header
+    run = subprocess.run([sys.executable, "-m", "openlora.cli", "serve", "--model", str(bad), "--port", "9"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert f"cannot serve: {bad} is not a readable GGUF file" in run.stderr
+    assert "Traceback" not in run.stderr
