@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     from openlora.attribution.cli import add_ledger_commands
 
     add_ledger_commands(sub)
+
+    from openlora.chain.cli import add_chain_commands
+
+    add_chain_commands(sub)
     return ap
 
 

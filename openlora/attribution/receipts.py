@@ -21,6 +21,8 @@ Fee rule (integers only; prices are per 1,000 tokens in the token's smallest uni
   policy (operator / owner / data, basis points); the data portion goes to its datasets in
   proportion to their `weight` (default 1: equal shares) and within a dataset to contributors by
   weight. Every split uses the largest-remainder rule of `splits.py`, so amounts sum exactly.
+  Remainder ties go to the lower on-chain id (`ids.name_id`: keccak256 of the adapter or dataset
+  name), then the lower address, so the Settlement contract reproduces every amount.
 
 Receipt hash = the EIP-712 digest `keccak256(0x19 0x01 || domainSeparator || hashStruct(Receipt))`,
 i.e. exactly the 32 bytes the node signs; the receipt id is this hash in hex. Anyone can verify a
@@ -39,6 +41,7 @@ from eth_account import Account
 from eth_account.messages import SignableMessage
 
 from openlora.attribution import eip712
+from openlora.attribution.ids import name_id
 from openlora.attribution.manifest import Manifest
 from openlora.attribution.splits import PPM, split_bps, split_exact, weights_to_ppm
 from openlora.errors import InvalidRequest
@@ -278,7 +281,7 @@ def compute_fee_lines(
         for s, m in zip(ppm, manifests)
     ]
     fee = sum(costs) // (PPM * 1000)
-    portions = split_exact(fee, costs, ids)
+    portions = split_exact(fee, costs, [name_id(i) for i in ids])  # ties: lower on-chain id
     adapters: list[AdapterLine] = []
     datasets: list[DatasetLine] = []
     payouts: list[Payout] = []
@@ -289,7 +292,7 @@ def compute_fee_lines(
         payouts.append(Payout(m.owner, "owner", use.adapter_id, owner_amt))
         if not m.datasets:
             continue  # manifest validation guarantees data_amt == 0 here
-        ds_amts = split_exact(data_amt, [d.weight for d in m.datasets], [d.id for d in m.datasets])
+        ds_amts = split_exact(data_amt, [d.weight for d in m.datasets], [name_id(d.id) for d in m.datasets])
         for ds, ds_amt in zip(m.datasets, ds_amts):
             datasets.append(DatasetLine(use.adapter_id, ds.id, ds.ref, ds.weight, ds_amt))
             c_amts = split_exact(ds_amt, [c.weight for c in ds.contributors],

@@ -69,6 +69,9 @@ class AttributionService:
         self._lookup = manifests
         self._base_manifest = self.default_policy.manifest_for(self.operator, base_model_id)
         self._manifests: dict[str, Manifest] = {}  # registered or looked-up, validated
+        # Called with (adapter id, manifest or None) before an adapter's terms are used; chain mode
+        # checks them against the on-chain registry (raises InvalidRequest naming the adapter).
+        self.manifest_check: Callable[[str, Manifest | None], None] | None = None
         self._lock = threading.Lock()  # guards the chain head, queue, in-flight map, manifests
         self._flush_lock = threading.Lock()  # one committer at a time
         self._seq, self._head = self.ledger.head()
@@ -86,6 +89,8 @@ class AttributionService:
         """Register (or replace) an adapter's manifest: a Manifest, a dict, or an adapter folder
         holding `attribution.json` (a folder without one registers nothing: default policy)."""
         m = self._parse(manifest)
+        if self.manifest_check is not None:
+            self.manifest_check(adapter_id, m)
         if m is not None:
             self._check_base(adapter_id, m)
             with self._lock:
@@ -110,6 +115,10 @@ class AttributionService:
         with self._lock:
             self._manifests.setdefault(adapter_id, m)
         return m
+
+    def manifest_for_base(self) -> Manifest:
+        """The default policy's manifest (prices base-only requests)."""
+        return self._base_manifest
 
     @staticmethod
     def _parse(raw: ManifestLike) -> Manifest | None:

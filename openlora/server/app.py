@@ -41,6 +41,11 @@ class ServeOptions:
     ledger: str | None = None
     node_key: str | None = None
     grace_period: float = 30.0
+    chain: str | None = None  # deployment file: register on chain, take payer authorizations, settle
+    epoch_seconds: float = 300.0
+    region: str = "ZZ"  # ISO 3166 code of where the node runs (ZZ: unknown)
+    location: tuple[float, float] | None = None  # coarse (lat, lon)
+    public_url: str = "http://127.0.0.1:8000"
 
 
 def model_id_for(model: str | None) -> str:
@@ -94,6 +99,8 @@ def build_state(opts: ServeOptions) -> ServerState:
         state.attribution = _open_attribution(opts, model_id, engine.base_model_hash)
         state.receipts = ReceiptHook(state.attribution, metrics)
         engine.usage_listeners.append(state.receipts)
+        if opts.chain:
+            _join_chain(state, opts, adapters)
     for name, source in adapters:
         try:
             register_adapter(state, name, source)
@@ -102,6 +109,40 @@ def build_state(opts: ServeOptions) -> ServerState:
             continue
         log.info("adapter %s <- %s", name, source)
     return state
+
+
+def _join_chain(state: ServerState, opts: ServeOptions, adapters: list[tuple[str, str]]) -> None:
+    """Chain mode: register or update the node on chain, register the demo adapters on a local
+    chain, check every adapter's manifest against the registry from now on, start settling."""
+    from openlora.attribution.manifest import load_manifest
+    from openlora.chain.client import Chain, Deployment
+    from openlora.chain.payments import Payments
+    from openlora.chain.registry_sync import (NodeProfile, check_adapter, detect_hardware, ensure_node,
+                                              register_demo_adapters)
+    from openlora.chain.settler import Settler
+
+    att = state.attribution
+    dep = Deployment.load(opts.chain)
+    chain = Chain(dep, att.identity._account)
+    if att.chain_id != dep.chain_id:  # receipts carry the chain id in their EIP-712 domain
+        att.chain_id = dep.chain_id
+    base = att.manifest_for_base()
+    lat, lon = opts.location or (None, None)
+    profile = NodeProfile(endpoint=opts.public_url, region=opts.region, lat=lat, lon=lon,
+                          models=(att.base_model_hash or state.model_id,),
+                          price_prompt=base.price_per_1k_prompt_tokens,
+                          price_completion=base.price_per_1k_completion_tokens, **detect_hardware())
+    log.info("chain %d: node %s %s", dep.chain_id, chain.address, ensure_node(chain, profile))
+    if dep.local:
+        manifests = {n: m for n, src in adapters if Path(src).is_dir() and (m := load_manifest(src)) is not None}
+        done = register_demo_adapters(chain, manifests)
+        if done:
+            log.info("chain %d: registered demo adapters %s", dep.chain_id, ", ".join(done))
+    att.manifest_check = lambda name, m: check_adapter(chain, name, m)
+    state.settler = Settler(chain, att.ledger, att.epochs)
+    state.payments = Payments(chain, state.settler, att)
+    state.receipts.on_recorded.append(state.payments.release)
+    state.settler.start(opts.epoch_seconds)
 
 
 def _open_attribution(opts: ServeOptions, model_id: str, base_hash: str):
@@ -147,6 +188,8 @@ def create_app(state: ServerState) -> FastAPI:
         await state.engine.shutdown(0.0)
         if state.receipts is not None:
             await asyncio.to_thread(state.receipts.shutdown)
+        if state.settler is not None:  # unsettled receipts stay in the ledger for the next start
+            await asyncio.to_thread(state.settler.stop)
         if state.attribution is not None:
             state.attribution.close()
         state.lora.shutdown()
@@ -201,6 +244,14 @@ def create_app(state: ServerState) -> FastAPI:
         if state.attribution is None:
             raise AdapterNotFound("attribution is disabled on this server (--no-attribution)")
         return await asyncio.to_thread(state.attribution.get_receipt, receipt_id)
+
+    @app.post("/v1/epochs/close")
+    async def close_epoch(raw: Request) -> dict:
+        """Admin: close the current epoch and settle it on chain now."""
+        state.require_admin(raw)
+        if state.settler is None:
+            raise InvalidRequest("this node is not on a chain (start it with --chain DEPLOYMENT)")
+        return await asyncio.to_thread(state.settler.close_and_settle)
 
     @app.get("/health")
     async def health() -> Response:

@@ -29,6 +29,16 @@ def _pair(text: str) -> tuple[str, str]:
     return name, source
 
 
+def _latlon(text: str) -> tuple[float, float]:
+    try:
+        lat, lon = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected LAT,LON, e.g. 48.9,2.4") from None
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        raise argparse.ArgumentTypeError("latitude must be in [-90, 90] and longitude in [-180, 180]")
+    return lat, lon
+
+
 def api_key_id(key: str) -> str:
     """The id a bare API key is known by (payer / manifest access lists): a short hash, never the key."""
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -65,6 +75,13 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--node-key", help="node keystore (default: <cache>/node_key.json; password from "
                                       "OPENLORA_NODE_KEY_PASSWORD)")
     p.add_argument("--no-attribution", action="store_true", help="no receipts, no access checks")
+    p.add_argument("--chain", metavar="DEPLOYMENT", help="deployment file (openlora chain up/deploy): register "
+                   "this node on chain, accept payer authorizations, settle receipts")
+    p.add_argument("--epoch-seconds", type=float, default=300.0, help="chain mode: close and settle this often")
+    p.add_argument("--region", default="ZZ", help="chain mode: ISO 3166 country or region code of this node")
+    p.add_argument("--location", type=_latlon, help="chain mode: coarse LAT,LON for the network map")
+    p.add_argument("--public-url", help="chain mode: the endpoint others reach this node at "
+                   "(default http://HOST:PORT)")
     p.add_argument("--grace-period", type=float, default=30.0,
                    help="seconds in-flight requests may run after SIGTERM before they are aborted")
     p.set_defaults(func=run_serve)
@@ -88,12 +105,14 @@ def run_serve(args: argparse.Namespace) -> int:
                     num_threads=args.num_threads, max_waiting=args.max_waiting),
         max_waiting=args.max_waiting, api_keys=keys, admin_key=args.admin_key,
         attribution=not args.no_attribution, ledger=args.ledger, node_key=args.node_key,
-        grace_period=args.grace_period)
+        grace_period=args.grace_period, chain=args.chain, epoch_seconds=args.epoch_seconds, region=args.region,
+        location=args.location, public_url=args.public_url or f"http://{args.host}:{args.port}")
+    from openlora.chain.anvil import ChainError
     from openlora.errors import ModelLoadError
 
     try:
         state = build_state(opts)
-    except ModelLoadError as e:  # a bad model is the operator's to fix: say what and where, no traceback
+    except (ModelLoadError, ChainError) as e:  # the operator's to fix: say what and where, no traceback
         log.error("cannot serve: %s", e)
         return 2
     app = create_app(state)

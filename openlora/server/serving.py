@@ -85,12 +85,15 @@ class _Run:
         self.closed = False
         self.t0 = time.perf_counter()
 
+    def request_ids(self, n: int) -> list[str]:
+        """The engine request ids of an HTTP request with `n` prompts."""
+        return [self.base_id] if n == 1 else [f"{self.base_id}-{i}" for i in range(n)]
+
     async def start(self, prompts: list[str | list[int]], params: SamplingParams, adapters, tenant: str,
                     merge: dict | None) -> None:
         st = self.st
         try:
-            for i, p in enumerate(prompts):
-                rid = self.base_id if len(prompts) == 1 else f"{self.base_id}-{i}"
+            for rid, p in zip(self.request_ids(len(prompts)), prompts):
                 self.receipts[rid] = st.receipts.expect(rid) if st.receipts else None
                 try:
                     await st.engine.add_request(rid, p, params, adapters=adapters, tenant=tenant, merge=merge,
@@ -242,7 +245,7 @@ def _positions(o: RequestOutput, c: CompletionOutput, start: int):
 
 # ---- /v1/completions -------------------------------------------------------------------------------
 async def create_completion(body: CompletionRequest, raw: Request, st: ServerState) -> Any:
-    key_id = st.key_id(raw)
+    key_id, auth = st.caller(raw)
     if body.suffix:
         raise InvalidRequest("suffix is not supported")
     if body.best_of not in (None, body.n):
@@ -259,10 +262,12 @@ async def create_completion(body: CompletionRequest, raw: Request, st: ServerSta
     if len(prompts) > 64:
         raise InvalidRequest("at most 64 prompts per request")
     adapters, names = _adapters(st, body)
-    _check_access(st, names, body.user, key_id)
+    _check_access(st, names, auth.payer if auth else body.user, key_id)
     params = _params(body, body.max_tokens, body.logprobs)
     run = _Run(st, f"cmpl-{uuid.uuid4().hex}")
-    await run.start(prompts, params, adapters, body.user or key_id or "", body.merge)
+    n_prompt = [len(p) if isinstance(p, list) else len(st.tokenizer(p)["input_ids"]) for p in prompts]
+    await _admit_payment(st, run, auth, key_id, names, n_prompt, params)
+    await run.start(prompts, params, adapters, auth.payer if auth else body.user or key_id or "", body.merge)
     n = body.n
     created = int(time.time())
 
@@ -349,6 +354,26 @@ async def _first_output(run: _Run, raw: Request) -> tuple[str, RequestOutput]:
         raise
 
 
+async def _admit_payment(st: ServerState, run: "_Run", auth: Any, key_id: str | None, names: list[str],
+                         prompt_lens: list[int], params: SamplingParams) -> None:
+    """Chain mode: refuse (402/403) before any work a payer who cannot pay, and bind each engine
+    request to the payer's authorization. API-key callers are the operator's own business."""
+    if st.payments is None or (auth is None and key_id is not None):
+        return
+    max_len = st.engine.engine.config.scheduler.max_model_len
+    fee = max(st.payments.max_fee(names, p, (params.max_tokens or max(1, max_len - p)) * params.n)
+              for p in prompt_lens)
+    if auth is None:
+        if fee > 0:
+            from openlora.chain.payments import PaymentRequired
+
+            raise PaymentRequired("this node charges for requests: send a payer authorization token as the "
+                                  "bearer (`openlora chain authorize`)")
+        return
+    rids = run.request_ids(len(prompt_lens))
+    await asyncio.to_thread(st.payments.admit, rids, auth, names, fee)
+
+
 def _check_access(st: ServerState, names: list[str], user: str | None, key_id: str | None) -> None:
     if st.attribution is not None:
         for a in names:
@@ -357,9 +382,9 @@ def _check_access(st: ServerState, names: list[str], user: str | None, key_id: s
 
 # ---- /v1/chat/completions --------------------------------------------------------------------------
 async def create_chat_completion(body: ChatCompletionRequest, raw: Request, st: ServerState) -> Any:
-    key_id = st.key_id(raw)
+    key_id, auth = st.caller(raw)
     adapters, names = _adapters(st, body)
-    _check_access(st, names, body.user, key_id)
+    _check_access(st, names, auth.payer if auth else body.user, key_id)
     msgs = [m.model_dump(exclude_none=True) for m in body.messages]
     try:
         text = apply_chat_template(st.tokenizer, msgs, add_generation_prompt=body.add_generation_prompt)
@@ -372,7 +397,8 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, st: 
     top = body.top_logprobs if body.top_logprobs is not None else 0
     params = _params(body, body.max_completion_tokens or body.max_tokens, top if body.logprobs else None)
     run = _Run(st, f"chatcmpl-{uuid.uuid4().hex}")
-    await run.start([ids], params, adapters, body.user or key_id or "", body.merge)
+    await _admit_payment(st, run, auth, key_id, names, [len(ids)], params)
+    await run.start([ids], params, adapters, auth.payer if auth else body.user or key_id or "", body.merge)
     created = int(time.time())
 
     if not body.stream:

@@ -32,6 +32,7 @@ class ReceiptHook:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attribution")
         self._pending: dict[str, Future] = {}
         self._lock = Lock()
+        self.on_recorded: list = []  # callbacks(request_id) once a receipt is in the ledger (or failed)
 
     def expect(self, request_id: str) -> Future:
         """Called before the request is queued: the future its summary will arrive on."""
@@ -44,6 +45,8 @@ class ReceiptHook:
         """The request was never queued (rejected): no event will come."""
         with self._lock:
             self._pending.pop(request_id, None)
+        for cb in self.on_recorded:
+            cb(request_id)
 
     def __call__(self, event: UsageEvent) -> None:  # engine thread: must not block
         with self._lock:
@@ -58,6 +61,9 @@ class ReceiptHook:
             if fut is not None:
                 fut.set_exception(e)
             return
+        finally:
+            for cb in self.on_recorded:
+                cb(event.request_id)
         self.metrics.observe_receipt([a.adapter_id for a in event.adapters], int(summary["fee"]))
         if fut is not None:
             fut.set_result(summary)
@@ -75,6 +81,8 @@ class ServerState:
     model_id: str
     metrics: Metrics
     attribution: Any = None  # AttributionService, or None with --no-attribution
+    payments: Any = None  # chain.payments.Payments in chain mode (serve --chain), else None
+    settler: Any = None  # chain.settler.Settler in chain mode
     receipts: ReceiptHook | None = None
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> key id
     admin_key: str | None = None
@@ -97,6 +105,17 @@ class ServerState:
             if self.admin_key and hmac.compare_digest(tok.encode(), self.admin_key.encode()):
                 return "admin"
         raise Unauthorized("invalid or missing API key (send 'Authorization: Bearer <key>')")
+
+    def caller(self, request: Request) -> tuple[str | None, Any]:
+        """(API-key id, payer authorization). In chain mode a payer's authorization token is a
+        valid bearer on its own (401 if it is malformed, forged or for another node)."""
+        if self.payments is not None:
+            from openlora.chain.authorization import is_token
+
+            tok = _bearer(request)
+            if is_token(tok):
+                return None, self.payments.authorize(tok)
+        return self.key_id(request), None
 
     def require_admin(self, request: Request) -> None:
         """Admin routes: 401 unless the admin key is presented (also 401 when none is configured)."""
