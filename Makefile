@@ -19,7 +19,13 @@ $(VENV)/.kernels: $(VENV)/.installed $(wildcard openlora/kernels/csrc/*) openlor
 	$(PY) -m openlora.kernels.build
 	touch $@
 
-setup: $(VENV)/.installed $(VENV)/.kernels
+# anvil (the local EVM node) from npm into ~/.cache/openlora/evm; npm itself from apt if it is missing.
+$(VENV)/.anvil: $(VENV)/.installed
+	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq npm)
+	$(PY) -m openlora.chain.anvil
+	touch $@
+
+setup: $(VENV)/.installed $(VENV)/.kernels $(VENV)/.anvil
 
 serve: setup  ## serve the demo model and adapters (or ARGS="--model PATH ...") on 127.0.0.1:8000
 	$(VENV)/bin/openlora serve $(ARGS)

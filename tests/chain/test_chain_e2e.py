@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -27,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 from helpers import ServerProcess  # noqa: E402
 
 from openlora.chain.anvil import free_port  # noqa: E402
+from openlora.chain.authorization import sign_authorization  # noqa: E402
+from openlora.chain.cli import faucet  # noqa: E402
 from openlora.chain.client import Chain, Deployment  # noqa: E402
 from openlora.demo.manifests import demo_key  # noqa: E402
 
@@ -75,12 +78,20 @@ def node(chain_up, tmp_path_factory):
 
 
 def authorize(dep: str, payer, node_addr: str, cap: int) -> str:
+    """The CLI's bearer token (its last line)."""
     return cli("authorize", "--deployment", dep, "--key", payer.key.hex(), "--node", node_addr,
                "--cap", str(cap)).strip().splitlines()[-1]
 
 
+def authorize_here(dep: str, payer, node_addr: str, cap: int) -> str:
+    """The same token made in-process (the CLI path is covered above; this saves a process)."""
+    d = Deployment.load(dep)
+    return sign_authorization(payer.key, node_addr, cap, int(time.time()) + 3600, None, d.chain_id,
+                              d.address("Settlement")).to_token()
+
+
 def node_address(dep: str) -> str:
-    nodes = json.loads(cli("nodes", "--deployment", dep, "--json"))
+    nodes = Chain(Deployment.load(dep)).nodes()
     assert len(nodes) == 1
     return nodes[0]["address"]
 
@@ -154,9 +165,11 @@ def test_refusals_before_any_work(chain_up, node):
     srv = node["srv"]
     addr = node_address(dep_path)
     poor = Account.create()
-    cli("faucet", "--deployment", dep_path, poor.address, "1000")
-    cli("deposit", "--deployment", dep_path, "--key", poor.key.hex(), "10")
-    token = authorize(dep_path, poor, addr, 10**18)
+    chain = Chain(Deployment.load(dep_path), poor)
+    faucet(chain, poor.address, 1000)
+    chain.send(chain.c["OpenToken"].functions.approve(chain.d.address("Settlement"), 10))
+    chain.send(chain.c["Settlement"].functions.deposit(10))
+    token = authorize_here(dep_path, poor, addr, 10**18)
     client = openai.OpenAI(base_url=srv.base_url, api_key=token, max_retries=0)
     with pytest.raises(openai.APIStatusError) as e:
         client.chat.completions.create(model="pirate", messages=Q, max_tokens=8)
@@ -175,7 +188,7 @@ def test_restart_mid_epoch_settles_everything_once(chain_up, payer, node):
     srv = node["srv"]
     addr = node_address(dep_path)
     chain = Chain(Deployment.load(dep_path))
-    token = authorize(dep_path, payer, addr, 10**18)
+    token = authorize_here(dep_path, payer, addr, 10**18)
     receipts = paid_chats(srv.base_url, token, ["pirate", "legal"])
     assert srv.stop() == 0  # mid-epoch: these two are not settled yet
     want = payouts(receipts)

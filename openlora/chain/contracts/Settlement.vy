@@ -42,7 +42,7 @@ MAX_ADAPTERS: public(constant(uint256)) = 4
 MAX_DATANETS: constant(uint256) = 8
 MAX_CONTRIBUTORS: constant(uint256) = 32
 MAX_AUTHS: public(constant(uint256)) = 64
-MAX_CHARGES: public(constant(uint256)) = 1024
+MAX_CHARGES: public(constant(uint256)) = 256
 PPM_X_1000: constant(uint256) = 10 ** 9
 BPS: constant(uint256) = 10_000
 
@@ -391,8 +391,11 @@ def settle(epoch: uint64, receipts_root: bytes32, auths: DynArray[SignedAuthoriz
     node_pc: uint256 = 0
     operator, node_pp, node_pc = staticcall self.nodes.terms(msg.sender)
 
+    # NOTE: loops index into the calldata arrays: `for x in array` would first copy the whole
+    # array (bounded at MAX_CHARGES) into memory, ~0.7M gas of memory expansion per call.
     digests: DynArray[bytes32, MAX_AUTHS] = []
-    for sa: SignedAuthorization in auths:
+    for k: uint256 in range(len(auths), bound=MAX_AUTHS):
+        sa: SignedAuthorization = auths[k]
         assert sa.auth.node == msg.sender, "settlement: authorization names another node"
         d: bytes32 = self._auth_digest(sa.auth)
         assert ecdsa._recover_sig(d, sa.signature) == sa.auth.payer, "settlement: bad authorization signature"
@@ -402,7 +405,8 @@ def settle(epoch: uint64, receipts_root: bytes32, auths: DynArray[SignedAuthoriz
     first: uint64 = charges[0].seq
     settled: uint256 = 0
     total: uint256 = 0
-    for c: Charge in charges:
+    for n: uint256 in range(len(charges), bound=MAX_CHARGES):
+        c: Charge = charges[n]
         assert c.seq > prev, "settlement: receipt already settled or out of order"
         prev = c.seq
         assert convert(c.auth_index, uint256) < len(digests), "settlement: no such authorization"
