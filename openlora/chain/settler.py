@@ -105,7 +105,10 @@ class Settler:
         yet on chain. Returns {"epoch", "batches": [...], "settled", "total", "pending"}."""
         with self._round:
             ep = self.epochs.close() or self.epochs.last()
-            pending = [(r, d) for r, d in self.unsettled() if ep is not None and r.seq <= ep.last_seq]
+            try:
+                pending = [(r, d) for r, d in self.unsettled() if ep is not None and r.seq <= ep.last_seq]
+            except OSError as e:  # requests' ConnectionError and timeouts are OSErrors
+                raise ChainError(f"chain unreachable at {self.chain.d.rpc}: {e}") from None
             batches = []
             while pending:
                 batch, pending = _take_batch(pending)

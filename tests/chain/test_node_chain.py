@@ -1,0 +1,125 @@
+"""The node's chain side in-process, against a real anvil: manifest checks against the registry,
+the payment gate (402/403), and settlement when the chain is down (nothing lost, nothing twice)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from eth_account import Account
+
+from openlora.attribution import AttributionService, NodeIdentity
+from openlora.attribution.manifest import parse_manifest
+from openlora.chain.anvil import DEV_KEYS, Anvil, ChainError
+from openlora.chain.authorization import sign_authorization
+from openlora.chain.cli import faucet
+from openlora.chain.client import Chain
+from openlora.chain.deploy import deploy
+from openlora.chain.payments import PaymentRequired, Payments
+from openlora.chain.registry_sync import NodeProfile, check_adapter, ensure_node, register_adapter
+from openlora.chain.settler import Settler
+from openlora.errors import AccessDenied, InvalidRequest
+from openlora.outputs import AdapterUsage, UsageEvent
+
+OWNER = Account.create()
+CONTRIB = Account.create()
+
+
+def manifest(access="public", price=1000) -> dict:
+    return {"owner": OWNER.address, "version": "1", "base_model": "m",
+            "datasets": [{"id": "ds-a", "hash": "sha256:" + "ab" * 32,
+                          "contributors": [{"address": CONTRIB.address, "weight": 1}]}],
+            "price_per_1k_prompt_tokens": price, "price_per_1k_completion_tokens": 3 * price,
+            "split": {"operator": 2000, "owner": 5000, "data": 3000}, "access": access}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    with Anvil(state=tmp_path_factory.mktemp("anvil") / "state.json") as node:
+        dep = deploy(node.rpc, Account.from_key(DEV_KEYS[0]), local=True)
+        dep.extra["faucet_key"] = DEV_KEYS[0]
+        ident = NodeIdentity.create()
+        chain = Chain(dep, ident._account)
+        ensure_node(chain, NodeProfile(endpoint="http://127.0.0.1:9", region="DE", price_prompt=10,
+                                       price_completion=20))
+        owner = Chain(dep, OWNER)
+        faucet(chain, OWNER.address, 0)
+        register_adapter(owner, "open", parse_manifest(manifest()))
+        register_adapter(owner, "private", parse_manifest(manifest({"allow": []})))
+        tmp = tmp_path_factory.mktemp("ledger")
+        att = AttributionService(tmp / "l.sqlite", ident, base_model_id="m", chain_id=dep.chain_id)
+        att.manifest_check = lambda n, m: check_adapter(chain, n, m)
+        settler = Settler(chain, att.ledger, att.epochs)
+        yield {"node": node, "dep": dep, "chain": chain, "att": att, "settler": settler,
+               "pay": Payments(chain, settler, att, ttl=0.0)}
+        att.close()
+
+
+def payer_with(world, amount: int) -> Account:
+    acct = Account.create()
+    c = Chain(world["dep"], acct)
+    faucet(world["chain"], acct.address, amount)
+    if amount:
+        c.send(c.c["OpenToken"].functions.approve(world["dep"].address("Settlement"), amount))
+        c.send(c.c["Settlement"].functions.deposit(amount))
+    return acct
+
+
+def auth_for(world, payer, cap):
+    d = world["dep"]
+    return sign_authorization(payer.key, world["chain"].address, cap, int(time.time()) + 3600, None, d.chain_id,
+                              d.address("Settlement"))
+
+
+def test_manifests_are_checked_against_the_registry(world):
+    att = world["att"]
+    att.register_manifest("open", manifest())  # equal terms: accepted
+    with pytest.raises(InvalidRequest, match="adapter 'open'.*prices"):
+        att.register_manifest("open", manifest(price=999))
+    with pytest.raises(InvalidRequest, match="adapter 'ghost'.*not registered on chain"):
+        att.register_manifest("ghost", manifest())
+    with pytest.raises(InvalidRequest, match="adapter 'open'.*without a manifest"):
+        att.register_manifest("open", None)
+
+
+def test_gate_refuses_before_work(world):
+    pay = world["pay"]
+    rich = payer_with(world, 10**6)
+    pay.admit(["req-ok"], auth_for(world, rich, 10**6), ["open"], 5000)  # fits
+    pay.release("req-ok")
+    with pytest.raises(AccessDenied, match="private"):
+        pay.admit(["req-p"], auth_for(world, rich, 10**6), ["private"], 1)
+    with pytest.raises(PaymentRequired, match="cap"):
+        pay.admit(["req-c"], auth_for(world, rich, 100), ["open"], 101)
+    poor = payer_with(world, 50)
+    with pytest.raises(PaymentRequired, match="escrow"):
+        pay.admit(["req-e"], auth_for(world, poor, 10**6), ["open"], 51)
+    # In-flight reservations count: two requests of 30 do not fit in an escrow of 50.
+    pay.admit(["req-1"], auth_for(world, poor, 10**6), ["open"], 30)
+    with pytest.raises(PaymentRequired):
+        pay.admit(["req-2"], auth_for(world, poor, 10**6), ["open"], 30)
+    pay.release("req-1")
+
+
+def test_chain_down_loses_nothing_and_settles_once(world):
+    att, settler, chain = world["att"], world["settler"], world["chain"]
+    payer = payer_with(world, 10**9)
+    auth = auth_for(world, payer, 10**9)
+    receipts = []
+    for i in range(3):
+        rid = f"down-{i}"
+        world["pay"].admit([rid], auth, ["open"], 10**6)
+        receipts.append(att.record(UsageEvent(rid, payer.address, "m", "", (AdapterUsage("open", "", 1.0),),
+                                              100, 0, 50, "finished", "stop")))
+    node = world["node"]
+    node.stop()  # the chain goes down (anvil writes its state file on SIGTERM)
+    with pytest.raises(ChainError):
+        settler.close_and_settle()
+    assert att.ledger.get_by_request_id("down-2") is not None  # serving side untouched
+    node.start()  # back, same port, same state
+    due = sum(r.fee for r in receipts)
+    res = settler.close_and_settle()
+    assert res["settled"] == 3 and res["total"] == due
+    for who in {p.recipient for r in receipts for p in r.payouts}:
+        assert chain.claimable(who) >= sum(p.amount for r in receipts for p in r.payouts if p.recipient == who)
+    assert settler.close_and_settle()["settled"] == 0  # nothing twice
