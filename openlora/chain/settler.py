@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS chain_settlements (
 """
 MAX_CHARGES = 256  # Settlement.MAX_CHARGES (its calldata is copied to memory: the bound sets a fixed gas cost)
 MAX_AUTHS = 64  # Settlement.MAX_AUTHS
+HEARTBEAT_SECONDS = 900.0
 SKIP_REASONS = {1: "expired", 2: "access", 3: "cap", 4: "escrow"}
 
 
@@ -157,6 +158,7 @@ class Settler:
             while not self._stop.wait(delay):
                 try:
                     self.close_and_settle()
+                    self.heartbeat()
                     self.last_error, delay = None, epoch_seconds
                 except (ChainError, OSError, ValueError) as e:  # chain down or slow: try again soon
                     self.last_error = str(e)
@@ -167,6 +169,17 @@ class Settler:
                     delay = min(60.0, epoch_seconds)
         self._thread = threading.Thread(target=loop, name="settlement", daemon=True)
         self._thread.start()
+
+    def heartbeat(self, every: float = HEARTBEAT_SECONDS) -> bool:
+        """Tell the NodeRegistry this node is alive, at most once per `every` seconds of chain time
+        (the gateway reads `last_heartbeat`). Returns True if a transaction was sent."""
+        reg = self.chain.c["NodeRegistry"].functions
+        last = reg.get(self.chain.address).call()[6]
+        now = self.chain.w3.eth.get_block("latest")["timestamp"]
+        if now - last < every:
+            return False
+        self.chain.send(reg.heartbeat(self.chain.address))
+        return True
 
     def stop(self) -> None:
         self._stop.set()

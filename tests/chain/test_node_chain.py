@@ -123,3 +123,42 @@ def test_chain_down_loses_nothing_and_settles_once(world):
     for who in {p.recipient for r in receipts for p in r.payouts}:
         assert chain.claimable(who) >= sum(p.amount for r in receipts for p in r.payouts if p.recipient == who)
     assert settler.close_and_settle()["settled"] == 0  # nothing twice
+
+
+def test_heartbeat_is_rate_limited(world):
+    settler, chain = world["settler"], world["chain"]
+    reg = chain.c["NodeRegistry"].functions
+    chain.w3.provider.make_request("evm_increaseTime", [1000])
+    chain.w3.provider.make_request("evm_mine", [])
+    before = reg.get(chain.address).call()[6]
+    assert settler.heartbeat(every=900) is True
+    assert reg.get(chain.address).call()[6] > before
+    assert settler.heartbeat(every=900) is False  # just sent
+
+
+def test_cli_deploy_with_an_existing_token_and_a_keystore(world, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    key = Account.create()
+    faucet(world["chain"], key.address, 0)
+    ks = tmp_path / "key.json"
+    ks.write_text(json.dumps(Account.encrypt(key.key, "pw", kdf="pbkdf2", iterations=2)))
+    token = world["dep"].address("OpenToken")
+    out = tmp_path / "dep.json"
+    p = subprocess.run([sys.executable, "-m", "openlora.cli", "chain", "deploy", "--rpc", world["dep"].rpc,
+                        "--keystore", str(ks), "--token", token, "--out", str(out), "--json"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OPENLORA_KEY_PASSWORD": "pw"})
+    assert p.returncode == 0, p.stderr
+    printed = json.loads(p.stdout)
+    from openlora.chain.client import Deployment
+
+    d = Deployment.load(out)
+    assert d.address("OpenToken") == token == printed["contracts"]["OpenToken"]
+    assert Chain(d).c["Settlement"].functions.token().call() == token
+    bad = subprocess.run([sys.executable, "-m", "openlora.cli", "chain", "deploy", "--rpc", world["dep"].rpc,
+                          "--keystore", str(ks), "--out", str(out)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OPENLORA_KEY_PASSWORD": "wrong"})
+    assert bad.returncode == 2 and bad.stderr.startswith("error: cannot decrypt keystore"), bad.stderr

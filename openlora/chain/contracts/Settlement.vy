@@ -43,6 +43,7 @@ MAX_DATANETS: constant(uint256) = 8
 MAX_CONTRIBUTORS: constant(uint256) = 32
 MAX_AUTHS: public(constant(uint256)) = 64
 MAX_CHARGES: public(constant(uint256)) = 256
+MAX_ADAPTER_CACHE: constant(uint256) = 8
 PPM_X_1000: constant(uint256) = 10 ** 9
 BPS: constant(uint256) = 10_000
 
@@ -292,6 +293,8 @@ def _split(total: uint256, weights: DynArray[uint256, MAX_CONTRIBUTORS],
          Same rule as openlora/attribution/splits.py:split_exact.
     """
     n: uint256 = len(weights)
+    if n == 1 and weights[0] > 0:
+        return [total]  # the common case (one adapter, one datanet): nothing to divide
     wsum: uint256 = 0
     for w: uint256 in weights:
         wsum += w
@@ -401,6 +404,8 @@ def settle(epoch: uint64, receipts_root: bytes32, auths: DynArray[SignedAuthoriz
         assert ecdsa._recover_sig(d, sa.signature) == sa.auth.payer, "settlement: bad authorization signature"
         digests.append(d)
 
+    cached_ids: DynArray[bytes32, MAX_ADAPTER_CACHE] = []
+    cached: DynArray[Adapter, MAX_ADAPTER_CACHE] = []
     prev: uint64 = self.last_seq[msg.sender]
     first: uint64 = charges[0].seq
     settled: uint256 = 0
@@ -430,7 +435,20 @@ def settle(epoch: uint64, receipts_root: bytes32, auths: DynArray[SignedAuthoriz
             ppm_sum: uint256 = 0
             cost_sum: uint256 = 0
             for ac: AdapterCharge in c.adapters:
-                a: Adapter = staticcall self.adapters.get(ac.adapter_id)
+                a: Adapter = empty(Adapter)
+                hit: bool = False
+                for j: uint256 in range(MAX_ADAPTER_CACHE):
+                    if j >= len(cached_ids):
+                        break
+                    if cached_ids[j] == ac.adapter_id:
+                        a = cached[j]
+                        hit = True
+                        break
+                if not hit:  # terms are immutable: one registry read per adapter per batch
+                    a = staticcall self.adapters.get(ac.adapter_id)
+                    if len(cached_ids) < MAX_ADAPTER_CACHE:
+                        cached_ids.append(ac.adapter_id)
+                        cached.append(a)
                 if a.owner == empty(address):
                     a = empty(Adapter)
                     a.price_prompt = node_pp
