@@ -26,17 +26,18 @@ class Charge:
     prompt_tokens: int  # billable: 0 when the request did not finish
     completion_tokens: int
     adapters: tuple[tuple[str, int], ...]  # (adapter name, weight ppm)
+    price_version: int = 1  # the node's base price version at the time the request was admitted
 
     def as_tuple(self) -> tuple:
         return (self.seq, bytes.fromhex(self.receipt_id[2:]), self.auth_index, self.prompt_tokens,
-                self.completion_tokens, [(name_id_bytes(a), w) for a, w in self.adapters])
+                self.completion_tokens, [(name_id_bytes(a), w) for a, w in self.adapters], self.price_version)
 
 
-def charge_for(receipt: Receipt, auth_index: int) -> Charge:
+def charge_for(receipt: Receipt, auth_index: int, price_version: int = 1) -> Charge:
     """The charge for one receipt (same billable-token rule as `receipts.compute_fee_lines`)."""
     p_tok = receipt.prompt_tokens if receipt.status == "finished" else 0
     return Charge(receipt.seq, receipt.receipt_hash, auth_index, p_tok, receipt.completion_tokens,
-                  tuple((a.adapter_id, a.weight_ppm) for a in receipt.adapters))
+                  tuple((a.adapter_id, a.weight_ppm) for a in receipt.adapters), price_version)
 
 
 def hash32(text: str) -> bytes:

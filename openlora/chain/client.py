@@ -164,7 +164,7 @@ class Chain:
         for i in range(reg.count().call()):
             signer = reg.signers(i).call()
             n = reg.get(signer).call()
-            operator, info, stake, unbonding, unbond_at, active, heartbeat, registered_at = n
+            operator, info, stake, unbonding, unbond_at, active, heartbeat, _at, deregistered, _version = n
             (endpoint, region, has_loc, lat, lon, kind, model, mem, count, cores, models, pp, pc) = info
             out.append({
                 "address": signer, "operator": operator, "endpoint": endpoint,
@@ -173,7 +173,7 @@ class Chain:
                              "cpu_cores": cores},
                 "models": ["0x" + m.hex() for m in models],
                 "price": {"per_1k_prompt_tokens": pp, "per_1k_completion_tokens": pc},
-                "stake": stake, "unbonding": unbonding,
+                "stake": stake, "unbonding": unbonding, "deregistered": deregistered,
                 "active": reg.is_active(signer).call() and active, "last_heartbeat": heartbeat,
             })
         return out

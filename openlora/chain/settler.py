@@ -2,8 +2,9 @@
 
 State, in the ledger's SQLite file beside the receipts (same durability):
 * `chain_auths`: every payer authorization the node accepted (digest -> token);
-* `chain_bindings`: request id -> authorization digest, written *before* the request runs, so a
-  crash between serving and settling loses nothing;
+* `chain_bindings`: request id -> authorization digest and the node's base price version,
+  written *before* the request runs, so a crash between serving and settling loses nothing and a
+  later price change never reprices it;
 * `chain_settlements`: one row per settle transaction (epoch, tx hash, seq range, totals, skips).
 
 Exactly-once: the contract keeps the node's last settled seq and refuses anything at or below it.
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chain_auths (digest TEXT PRIMARY KEY, payer TEXT NOT NULL, token TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS chain_bindings (request_id TEXT PRIMARY KEY, digest TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS chain_bindings (request_id TEXT PRIMARY KEY, digest TEXT NOT NULL,
+                                           price_version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS chain_settlements (
     id INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, tx TEXT NOT NULL, first_seq INTEGER NOT NULL,
     last_seq INTEGER NOT NULL, charges INTEGER NOT NULL, settled INTEGER NOT NULL, total TEXT NOT NULL,
@@ -74,6 +76,8 @@ class Settler:
         self.ledger = ledger
         self.epochs = epochs
         ledger.ensure_schema(SCHEMA)
+        # The NodeRegistry's current base price version: what this process's receipts are priced at.
+        self.price_version = int(chain.c["NodeRegistry"].functions.get(chain.address).call()[9] or 1)
         self._round = threading.Lock()  # one settlement round at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -86,18 +90,20 @@ class Settler:
         digest = "0x" + auth.digest().hex()
         with self.ledger.transaction() as c:
             c.execute("INSERT OR IGNORE INTO chain_auths VALUES (?, ?, ?)", (digest, auth.payer, auth.to_token()))
-            c.execute("INSERT OR REPLACE INTO chain_bindings VALUES (?, ?)", (request_id, digest))
+            c.execute("INSERT OR REPLACE INTO chain_bindings VALUES (?, ?, ?)",
+                      (request_id, digest, self.price_version))
 
-    def unsettled(self) -> list[tuple[Any, str]]:
-        """(receipt, authorization digest) for paid receipts after the chain's last settled seq."""
+    def unsettled(self) -> list[tuple[Any, str, int]]:
+        """(receipt, authorization digest, price version) for paid receipts after the chain's last
+        settled seq."""
         last = self.chain.last_seq(self.chain.address)
         rows = self.ledger.read_conn().execute(
-            "SELECT r.seq, b.digest FROM receipts r JOIN chain_bindings b ON b.request_id = r.request_id "
-            "WHERE r.seq > ? ORDER BY r.seq", (last,)).fetchall()
+            "SELECT r.seq, b.digest, b.price_version FROM receipts r JOIN chain_bindings b "
+            "ON b.request_id = r.request_id WHERE r.seq > ? ORDER BY r.seq", (last,)).fetchall()
         if not rows:
             return []
-        digests = dict(rows)
-        return [(r, digests[r.seq]) for r in self.ledger.iter(rows[0][0], rows[-1][0]) if r.seq in digests]
+        bound = {seq: (d, v) for seq, d, v in rows}
+        return [(r, *bound[r.seq]) for r in self.ledger.iter(rows[0][0], rows[-1][0]) if r.seq in bound]
 
     # ----------------------------------------------------------------------------- settlement
 
@@ -107,7 +113,7 @@ class Settler:
         with self._round:
             ep = self.epochs.close() or self.epochs.last()
             try:
-                pending = [(r, d) for r, d in self.unsettled() if ep is not None and r.seq <= ep.last_seq]
+                pending = [x for x in self.unsettled() if ep is not None and x[0].seq <= ep.last_seq]
             except OSError as e:  # requests' ConnectionError and timeouts are OSErrors
                 raise ChainError(f"chain unreachable at {self.chain.d.rpc}: {e}") from None
             batches = []
@@ -117,13 +123,13 @@ class Settler:
             return {"epoch": ep.epoch if ep else None, "batches": [b.to_dict() for b in batches],
                     "settled": sum(b.settled for b in batches), "total": sum(b.total for b in batches)}
 
-    def _settle(self, epoch: int, root: str, batch: list[tuple[Any, str]]) -> BatchResult:
-        digests = list(dict.fromkeys(d for _, d in batch))
+    def _settle(self, epoch: int, root: str, batch: list[tuple[Any, str, int]]) -> BatchResult:
+        digests = list(dict.fromkeys(d for _, d, _ in batch))
         tokens = dict(self.ledger.read_conn().execute(
             f"SELECT digest, token FROM chain_auths WHERE digest IN ({','.join('?' * len(digests))})", digests))
         auths = [parse_token_unchecked(tokens[d].removeprefix(TOKEN_PREFIX)) for d in digests]
         index = {d: i for i, d in enumerate(digests)}
-        charges = [charge_for(r, index[d]) for r, d in batch]
+        charges = [charge_for(r, index[d], v) for r, d, v in batch]
         fn = self.chain.c["Settlement"].functions.settle(
             epoch, bytes.fromhex(root[2:]), [a.as_tuple() for a in auths], [c.as_tuple() for c in charges])
         rc = self.chain.send(fn)
@@ -190,7 +196,7 @@ class Settler:
 def _take_batch(pending: list) -> tuple[list, list]:
     """The longest prefix within the contract's limits on charges and distinct authorizations."""
     seen: set[str] = set()
-    for i, (_, d) in enumerate(pending):
+    for i, (_, d, _) in enumerate(pending):
         if i == MAX_CHARGES or (d not in seen and len(seen) == MAX_AUTHS):
             return pending[:i], pending[i:]
         seen.add(d)

@@ -8,6 +8,9 @@
         through unbonding, after `unbonding_delay` seconds. A node is active when it is
         registered, not deactivated, and holds at least `min_stake`.
         The operator receives the operator part of every fee the node earns.
+        Base prices are versioned: every price change is a new version, and a receipt is settled
+        at the version it was priced with (`terms(signer, version)`), so changing prices never
+        reprices receipts already signed. A deregistered node cannot come back under that signer.
         Registering a signer that is not the caller needs the signer's consent signature
         (EIP-191 over keccak256(registry, chain id, operator)), so nobody can squat another
         node's key.
@@ -45,6 +48,13 @@ struct Node:
     active: bool
     last_heartbeat: uint256
     registered_at: uint256
+    deregistered: bool
+    price_version: uint256  # current version of (price_prompt, price_completion), from 1
+
+
+struct Prices:
+    prompt: uint256
+    completion: uint256
 
 
 event NodeRegistered:
@@ -80,6 +90,7 @@ token: public(IERC20)
 min_stake: public(uint256)
 unbonding_delay: public(uint256)
 nodes: HashMap[address, Node]
+prices: HashMap[address, HashMap[uint256, Prices]]  # signer -> version -> prices
 signers: public(DynArray[address, 65536])
 
 
@@ -120,8 +131,9 @@ def register(signer: address, info: NodeInfo, stake: uint256, consent: Bytes[65]
     self._check_info(info)
     self.nodes[signer] = Node(
         operator=msg.sender, info=info, stake=stake, unbonding=0, unbond_at=0, active=True,
-        last_heartbeat=block.timestamp, registered_at=block.timestamp,
+        last_heartbeat=block.timestamp, registered_at=block.timestamp, deregistered=False, price_version=1,
     )
+    self.prices[signer][1] = Prices(prompt=info.price_prompt, completion=info.price_completion)
     self.signers.append(signer)
     if stake > 0:
         assert extcall self.token.transferFrom(msg.sender, self, stake, default_return_value=True), "node: stake transfer failed"
@@ -134,6 +146,11 @@ def update(signer: address, info: NodeInfo):
     """@notice The operator updates the node's endpoint, location, hardware, models or prices."""
     self._only_operator(signer)
     self._check_info(info)
+    old: NodeInfo = self.nodes[signer].info
+    if info.price_prompt != old.price_prompt or info.price_completion != old.price_completion:
+        v: uint256 = self.nodes[signer].price_version + 1
+        self.nodes[signer].price_version = v
+        self.prices[signer][v] = Prices(prompt=info.price_prompt, completion=info.price_completion)
     self.nodes[signer].info = info
     self.nodes[signer].last_heartbeat = block.timestamp
     log NodeUpdated(signer=signer, endpoint=info.endpoint)
@@ -152,6 +169,7 @@ def heartbeat(signer: address):
 def set_active(signer: address, active: bool):
     """@notice The operator deactivates (or reactivates) the node: inactive nodes cannot settle."""
     self._only_operator(signer)
+    assert not (active and self.nodes[signer].deregistered), "node: deregistered"
     self.nodes[signer].active = active
     log NodeStatus(signer=signer, active=active, deregistered=False)
 
@@ -188,6 +206,7 @@ def deregister(signer: address):
     """@notice Deactivate the node for good and unbond all its stake."""
     self._only_operator(signer)
     self.nodes[signer].active = False
+    self.nodes[signer].deregistered = True
     self._unbond(signer, self.nodes[signer].stake)
     log NodeStatus(signer=signer, active=False, deregistered=True)
 
@@ -222,10 +241,13 @@ def get(signer: address) -> Node:
 
 @view
 @external
-def terms(signer: address) -> (address, uint256, uint256):
-    """@notice (operator, price per 1k prompt tokens, price per 1k completion tokens)."""
+def terms(signer: address, version: uint256) -> (address, uint256, uint256):
+    """@notice (operator, price per 1k prompt tokens, price per 1k completion tokens) at a price
+            version (1 .. the current one)."""
     n: Node = self.nodes[signer]
-    return n.operator, n.info.price_prompt, n.info.price_completion
+    assert version >= 1 and version <= n.price_version, "node: no such price version"
+    p: Prices = self.prices[signer][version]
+    return n.operator, p.prompt, p.completion
 
 
 @view

@@ -20,7 +20,9 @@
         the node's receipts (openlora/attribution/receipts.py), so each payee's credit equals its
         receipt payouts to the base unit:
         - base-only: fee = (P * node prompt price + C * node completion price) // 1000, all to
-          the operator; an adapter that is not registered is priced and paid the same way;
+          the operator, at the node's price version named by the charge (prices are versioned in
+          the NodeRegistry, so a later price change never reprices a signed receipt); an
+          adapter that is not registered is priced and paid the same way;
         - adapters: cost_i = ppm_i * (P * prompt price_i + C * completion price_i),
           fee = sum(cost_i) // 10^9, portions by largest remainder over cost_i (ties: lower
           adapter id), each portion split by basis points (operator, owner, data; ties in that
@@ -81,6 +83,7 @@ struct Charge:
     prompt_tokens: uint64  # billable prompt tokens (0 when the request did not finish)
     completion_tokens: uint64
     adapters: DynArray[AdapterCharge, MAX_ADAPTERS]  # empty: base model only
+    price_version: uint32  # the node's base price version the receipt was priced with
 
 
 # The registries' views, as this contract reads them.
@@ -111,7 +114,7 @@ struct Contributor:
 
 interface INodes:
     def is_active(signer: address) -> bool: view
-    def terms(signer: address) -> (address, uint256, uint256): view
+    def terms(signer: address, version: uint256) -> (address, uint256, uint256): view
 
 
 interface IAdapters:
@@ -392,7 +395,7 @@ def settle(epoch: uint64, receipts_root: bytes32, auths: DynArray[SignedAuthoriz
     operator: address = empty(address)
     node_pp: uint256 = 0
     node_pc: uint256 = 0
-    operator, node_pp, node_pc = staticcall self.nodes.terms(msg.sender)
+    version: uint32 = 0  # price version loaded into node_pp/node_pc (0: none yet)
 
     # NOTE: loops index into the calldata arrays: `for x in array` would first copy the whole
     # array (bounded at MAX_CHARGES) into memory, ~0.7M gas of memory expansion per call.
@@ -417,9 +420,14 @@ def settle(epoch: uint64, receipts_root: bytes32, auths: DynArray[SignedAuthoriz
         assert convert(c.auth_index, uint256) < len(digests), "settlement: no such authorization"
         sa: SignedAuthorization = auths[c.auth_index]
         payer: address = sa.auth.payer
-        if block.timestamp > sa.auth.expiry + self.settlement_window:
+        # (written so that an expiry of 2**256 - 1, "never", cannot overflow)
+        if block.timestamp > sa.auth.expiry and block.timestamp - sa.auth.expiry > self.settlement_window:
             log ChargeSkipped(node=msg.sender, seq=c.seq, receipt_id=c.receipt_id, reason=SKIP_EXPIRED)
             continue
+
+        if c.price_version != version:  # usually once per batch
+            version = c.price_version
+            operator, node_pp, node_pc = staticcall self.nodes.terms(msg.sender, convert(version, uint256))
 
         # Price the charge. Unregistered adapters are priced and paid like the base model.
         p: uint256 = convert(c.prompt_tokens, uint256)
