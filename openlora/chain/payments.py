@@ -13,7 +13,10 @@ import threading
 import time
 from typing import Any
 
+from web3.exceptions import Web3Exception
+
 from openlora.attribution.ids import name_id_bytes
+from openlora.chain.anvil import ChainError
 from openlora.chain.authorization import Authorization, parse_token
 from openlora.chain.client import Chain
 from openlora.chain.settler import Settler
@@ -45,11 +48,18 @@ class Payments:
                            contract=self.chain.d.address("Settlement"))
 
     def _cached(self, key: tuple, fetch) -> Any:
+        """A chain view, fresh for `ttl` seconds. When the chain cannot be reached, the last value
+        seen is used (serving goes on); with none, the request fails alone with 503."""
         now = time.monotonic()
         hit = self._cache.get(key)
         if hit is not None and now - hit[0] < self.ttl:
             return hit[1]
-        v = fetch()
+        try:
+            v = fetch()
+        except (OSError, Web3Exception) as e:
+            if hit is not None:
+                return hit[1]
+            raise ChainError(f"chain unreachable at {self.chain.d.rpc}: {e}") from None
         self._cache[key] = (now, v)
         return v
 

@@ -114,6 +114,17 @@ def build_state(opts: ServeOptions) -> ServerState:
 def _join_chain(state: ServerState, opts: ServeOptions, adapters: list[tuple[str, str]]) -> None:
     """Chain mode: register or update the node on chain, register the demo adapters on a local
     chain, check every adapter's manifest against the registry from now on, start settling."""
+    from web3.exceptions import Web3Exception
+
+    from openlora.chain.anvil import ChainError
+
+    try:
+        _join(state, opts, adapters)
+    except (OSError, Web3Exception) as e:  # unreachable RPC, or no contracts at those addresses
+        raise ChainError(f"cannot join the chain in {opts.chain}: {type(e).__name__}: {e}") from None
+
+
+def _join(state: ServerState, opts: ServeOptions, adapters: list[tuple[str, str]]) -> None:
     from openlora.attribution.manifest import load_manifest
     from openlora.chain.client import Chain, Deployment
     from openlora.chain.payments import Payments

@@ -162,3 +162,47 @@ def test_cli_deploy_with_an_existing_token_and_a_keystore(world, tmp_path):
                           "--keystore", str(ks), "--out", str(out)], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OPENLORA_KEY_PASSWORD": "wrong"})
     assert bad.returncode == 2 and bad.stderr.startswith("error: cannot decrypt keystore"), bad.stderr
+
+
+def _cli(*args: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "openlora.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_cli_escrow_round_trip(world, tmp_path):
+    """deposit, announce a withdrawal, wait out the delay (chain time), take it; balances as JSON."""
+    import json
+
+    dep_file = tmp_path / "dep.json"
+    world["dep"].save(dep_file)
+    payer = Account.create()
+    faucet(world["chain"], payer.address, 10**6)
+    key = "0x" + payer.key.hex().removeprefix("0x")
+    assert _cli("chain", "deposit", "--deployment", str(dep_file), "--key", key, "600000").returncode == 0
+    p = _cli("chain", "withdraw", "--deployment", str(dep_file), "--key", key, "200000", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["requested"] == 200000, p.stderr
+    chain = world["chain"]
+    chain.w3.provider.make_request("evm_increaseTime", [86_401])
+    chain.w3.provider.make_request("evm_mine", [])
+    p = _cli("chain", "withdraw", "--deployment", str(dep_file), "--key", key, "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["withdrawn"] == 200000, p.stderr
+    addr = payer.address.lower()  # keyed exactly as given
+    p = _cli("chain", "balances", "--deployment", str(dep_file), "--json", addr)
+    assert json.loads(p.stdout) == {addr: {"token": 600000, "escrow": 400000, "claimable": 0}}
+
+
+def test_serve_with_an_unreachable_chain_exits_with_one_line(world, tmp_path):
+    from openlora.chain.anvil import free_port
+
+    d = world["dep"]
+    dead = type(d)(chain_id=d.chain_id, rpc=f"http://127.0.0.1:{free_port()}", contracts=d.contracts, local=True)
+    dead.save(tmp_path / "dead.json")
+    p = _cli("serve", "--chain", str(tmp_path / "dead.json"), "--ledger", str(tmp_path / "l.sqlite"),
+             "--node-key", str(tmp_path / "k.json"), "--max-model-len", "256", "--kv-cache-memory", "64MiB",
+             env={"OPENLORA_NODE_KEY_PASSWORD": "pw"})
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "cannot join the chain" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
