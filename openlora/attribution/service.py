@@ -72,6 +72,7 @@ class AttributionService:
         # Called with (adapter id, manifest or None) before an adapter's terms are used; chain mode
         # checks them against the on-chain registry (raises InvalidRequest naming the adapter).
         self.manifest_check: Callable[[str, Manifest | None], None] | None = None
+        self._checked: set[str] = set()  # adapters whose terms manifest_check accepted
         self._lock = threading.Lock()  # guards the chain head, queue, in-flight map, manifests
         self._flush_lock = threading.Lock()  # one committer at a time
         self._seq, self._head = self.ledger.head()
@@ -91,6 +92,7 @@ class AttributionService:
         m = self._parse(manifest)
         if self.manifest_check is not None:
             self.manifest_check(adapter_id, m)
+            self._checked.add(adapter_id)
         if m is not None:
             self._check_base(adapter_id, m)
             with self._lock:
@@ -109,6 +111,9 @@ class AttributionService:
         elif self._lookup is not None:
             raw = self._lookup.get(adapter_id)
         m = self._parse(raw)
+        if self.manifest_check is not None and adapter_id not in self._checked:
+            self.manifest_check(adapter_id, m)  # e.g. an adapter from the hub that is on chain
+            self._checked.add(adapter_id)
         if m is None:
             return self._base_manifest
         self._check_base(adapter_id, m)

@@ -113,7 +113,9 @@ class Settler:
         with self._round:
             ep = self.epochs.close() or self.epochs.last()
             try:
-                pending = [x for x in self.unsettled() if ep is not None and x[0].seq <= ep.last_seq]
+                # Zero-fee receipts (free prices, failed requests) move no money: no gas for them.
+                pending = [x for x in self.unsettled() if ep is not None and x[0].seq <= ep.last_seq
+                           and x[0].fee > 0]
             except OSError as e:  # requests' ConnectionError and timeouts are OSErrors
                 raise ChainError(f"chain unreachable at {self.chain.d.rpc}: {e}") from None
             batches = []

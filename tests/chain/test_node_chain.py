@@ -80,6 +80,9 @@ def test_manifests_are_checked_against_the_registry(world):
         att.register_manifest("ghost", manifest())
     with pytest.raises(InvalidRequest, match="adapter 'open'.*without a manifest"):
         att.register_manifest("open", None)
+    # An adapter looked up without a manifest (e.g. from the hub) whose name is on chain: refused.
+    with pytest.raises(InvalidRequest, match="adapter 'private'.*without a manifest"):
+        att.manifest("private")
 
 
 def test_gate_refuses_before_work(world):
@@ -103,6 +106,7 @@ def test_gate_refuses_before_work(world):
 
 def test_chain_down_loses_nothing_and_settles_once(world):
     att, settler, chain = world["att"], world["settler"], world["chain"]
+    att.register_manifest("open", manifest())
     payer = payer_with(world, 10**9)
     auth = auth_for(world, payer, 10**9)
     receipts = []
