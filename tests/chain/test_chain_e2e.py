@@ -72,9 +72,9 @@ def node(chain_up, tmp_path_factory):
     args = ["--chain", chain_up["deployment"], "--admin-key", ADMIN, "--epoch-seconds", "3600",
             "--region", "FR", "--location", "48.9,2.4", "--ledger", str(tmp / "ledger.sqlite"),
             "--max-model-len", "1024", "--kv-cache-memory", "128MiB"]
-    srv = ServerProcess(args, tmp, timeout=300.0)
-    yield {"srv": srv, "args": args, "tmp": tmp}
-    srv.stop()
+    state = {"srv": ServerProcess(args, tmp, timeout=300.0), "args": args, "tmp": tmp}
+    yield state
+    state["srv"].stop()  # the restart test replaces the process: stop whichever runs now
 
 
 def authorize(dep: str, payer, node_addr: str, cap: int) -> str:
