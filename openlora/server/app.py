@@ -17,6 +17,7 @@ from openlora.engine.async_engine import AsyncEngine
 from openlora.errors import AdapterNotFound, InvalidRequest, OpenLoRAError
 from openlora.server.errors import error_body, install_error_handlers
 from openlora.server.metrics import Metrics, snapshot
+from openlora.server.node_state import ADAPTER_STATE_HEADER, node_state
 from openlora.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                       CompletionResponse, ModelCard, ModelList, RegisterAdapterRequest)
 from openlora.server.serving import create_chat_completion, create_completion
@@ -270,6 +271,11 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse(error_body("shutting down", 503), status_code=503)
         return JSONResponse({"status": "ok", "model": state.model_id})
 
+    @app.get("/v1/state")
+    async def node_state_route() -> dict:
+        """What a router needs: residency of every adapter, free slots, queue, KV use, node id."""
+        return node_state(state, await state.engine.call(snapshot))
+
     @app.get("/metrics")
     async def metrics() -> Response:
         snap = await state.engine.call(snapshot)
@@ -297,6 +303,10 @@ class _StatusCounter:
         async def counting_send(msg) -> None:
             if msg["type"] == "http.response.start":
                 self.metrics.requests.labels(route, str(msg["status"])).inc()
+                st = scope.get("state") or {}
+                if "adapter_state" in st:  # set by the route at arrival (node_state.note_adapter_state)
+                    msg = {**msg, "headers": [*msg.get("headers", []),
+                                              (ADAPTER_STATE_HEADER.encode(), st["adapter_state"].encode())]}
             await send(msg)
 
         await self.app(scope, receive, counting_send)

@@ -44,6 +44,11 @@ class Metrics:
         self.receipts = Counter("openlora_receipts", "Attribution receipts per adapter", ["adapter"], registry=r)
         self.fees = Counter("openlora_fees", "Fees charged per adapter (token's smallest unit)", ["adapter"], registry=r)
         self.engine_errors = Gauge("openlora_engine_step_errors", "Engine step failures so far", registry=r)
+        # The same numbers under vLLM's names, so routers built for vLLM (GAIE/llm-d, production-stack)
+        # read them unchanged.
+        self.vllm_running = Gauge("vllm:num_requests_running", "Running requests (vLLM name)", registry=r)
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Waiting requests (vLLM name)", registry=r)
+        self.vllm_kv = Gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1 (vLLM name)", registry=r)
 
     # ---- per request ----------------------------------------------------------------------------
     def observe_tokens(self, adapters: list[str], prompt: int, completion: int) -> None:
@@ -65,6 +70,9 @@ class Metrics:
         self.kv_usage.set(snap["kv_usage"])
         self.num_running.set(snap["num_running"])
         self.num_waiting.set(snap["num_waiting"])
+        self.vllm_running.set(snap["num_running"])
+        self.vllm_waiting.set(snap["num_waiting"])
+        self.vllm_kv.set(snap["kv_usage"])
         self.engine_errors.set(snap.get("step_errors", 0))
         for g, key in ((self.running, "running"), (self.waiting, "waiting")):
             g.clear()

@@ -24,6 +24,7 @@ from openlora.engine.tokenizer import apply_chat_template
 from openlora.outputs import CompletionOutput, RequestOutput
 from openlora.sampling_params import SamplingParams
 from openlora.server.errors import from_exception, log
+from openlora.server.node_state import note_adapter_state
 from openlora.server.protocol import ChatCompletionRequest, CompletionRequest
 from openlora.server.state import ServerState
 
@@ -262,6 +263,7 @@ async def create_completion(body: CompletionRequest, raw: Request, st: ServerSta
     if len(prompts) > 64:
         raise InvalidRequest("at most 64 prompts per request")
     adapters, names = _adapters(st, body)
+    note_adapter_state(raw, st, names)
     _check_access(st, names, auth.payer if auth else body.user, key_id)
     params = _params(body, body.max_tokens, body.logprobs)
     run = _Run(st, f"cmpl-{uuid.uuid4().hex}")
@@ -384,6 +386,7 @@ def _check_access(st: ServerState, names: list[str], user: str | None, key_id: s
 async def create_chat_completion(body: ChatCompletionRequest, raw: Request, st: ServerState) -> Any:
     key_id, auth = st.caller(raw)
     adapters, names = _adapters(st, body)
+    note_adapter_state(raw, st, names)
     _check_access(st, names, auth.payer if auth else body.user, key_id)
     msgs = [m.model_dump(exclude_none=True) for m in body.messages]
     try:

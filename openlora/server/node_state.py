@@ -1,0 +1,50 @@
+"""What a router needs from a node: `GET /v1/state` (a JSON snapshot) and the adapter's state when
+a request arrived (the `x-openlora-adapter-state` response header).
+
+NOTE: vLLM's `vllm:lora_requests_info` lists only adapters with requests in flight; a router needs
+residency itself, so the snapshot lists every adapter with its tier (resident / host / disk /
+loading / ...) and the number of free device slots.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+
+ADAPTER_STATE_HEADER = "x-openlora-adapter-state"
+
+
+def node_state(state: Any, snap: dict[str, Any]) -> dict[str, Any]:
+    """The `/v1/state` document from a metrics `snapshot()` taken on the engine thread."""
+    adapters = {a: s for a, (s, _) in snap["adapters"].items()}
+    resident = sorted(a for a, s in adapters.items() if s == "resident")
+    lora = state.lora
+    att = state.attribution
+    sched = state.engine.engine.config.scheduler
+    return {
+        "object": "node.state",
+        "time": time.time(),
+        "node": att.identity.address if att is not None else None,
+        "model": state.model_id,
+        "model_hash": state.engine.engine.base_model_hash,
+        "adapters": adapters,
+        "resident_adapters": resident,
+        "max_loras": lora.max_loras,
+        "free_slots": max(0, lora.max_loras - len(resident)),
+        "running": snap["num_running"],
+        "waiting": snap["num_waiting"],
+        "max_num_seqs": sched.max_num_seqs,
+        "kv_usage": snap["kv_usage"],
+        "chain": state.settler is not None,
+    }
+
+
+def note_adapter_state(request: Request, state: Any, names: list[str]) -> None:
+    """Remember the (first) adapter's state at arrival; the middleware puts it in a header."""
+    if not names:
+        request.state.adapter_state = "base"
+        return
+    e = state.lora.entries.get(names[0])
+    request.state.adapter_state = state.lora.state_of(e) if e is not None and not e.unregistered else "unknown"
