@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     from openlora.chain.cli import add_chain_commands
 
     add_chain_commands(sub)
+
+    from openlora.network.cli import add_gateway_command
+
+    add_gateway_command(sub)
     return ap
 
 

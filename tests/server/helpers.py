@@ -57,8 +57,9 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m openlora.cli serve ...` on a free port; `url`, `base_url` (for openai), `stop()`."""
 
-    def __init__(self, args: list[str], tmp: Path, env: dict | None = None, timeout: float = 120.0) -> None:
-        self.port = free_port()
+    def __init__(self, args: list[str], tmp: Path, env: dict | None = None, timeout: float = 120.0,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
         self.log_path = tmp / f"server-{self.port}.log"
