@@ -140,7 +140,8 @@ def test_node_on_the_map_paid_requests_settle_exactly_once(chain_up, payer, node
     escrow0 = chain.escrow(payer.address)
 
     res = close(srv.url)
-    assert res["settled"] == len(receipts) and res["total"] == fees, res
+    paid = [r for r in receipts if r["fee"] > 0]  # the base model is free here: zero fees stay off chain
+    assert len(paid) == 4 and res["settled"] == len(paid) and res["total"] == fees, res
     for a, amount in want.items():
         assert chain.claimable(a) - before[a] == amount, a
     assert chain.escrow(payer.address) == escrow0 - fees
@@ -201,3 +202,36 @@ def test_restart_mid_epoch_settles_everything_once(chain_up, payer, node):
     for a, amount in want.items():
         assert chain.claimable(a) - before[a] == amount, a
     assert close(srv2.url)["settled"] == 0
+
+
+def test_gateway_finds_the_node_in_the_registry(chain_up, payer, node, tmp_path):
+    from helpers import free_port as fp
+
+    dep_path = chain_up["deployment"]
+    addr = node_address(dep_path)
+    port = fp()
+    log = open(tmp_path / "gw.log", "wb")
+    gw = subprocess.Popen([*CLI, "gateway", "--chain", dep_path, "--port", str(port), "--poll-interval", "0.5"],
+                          stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "gw.log").read_text()
+            time.sleep(0.3)
+        listed = httpx.get(url + "/v1/nodes", timeout=5).json()["data"]
+        assert [n["address"] for n in listed] == [addr]
+        assert listed[0]["region"] == "FR" and listed[0]["url"] == node["srv"].url and listed[0]["healthy"]
+        token = authorize_here(dep_path, payer, addr, 10**18)  # the payer's token passes through
+        client = openai.OpenAI(base_url=url + "/v1", api_key=token, max_retries=0)
+        r = client.chat.completions.with_raw_response.create(model="pirate", messages=Q, max_tokens=4)
+        assert r.headers["x-openlora-node"] == addr and r.parse().model_extra["attribution"]["fee"] > 0
+    finally:
+        gw.send_signal(signal.SIGTERM)
+        gw.wait(20)
+        log.close()
