@@ -9,10 +9,13 @@ and no output: it keeps receipt ids (to route `GET /v1/receipts/{id}`) and count
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -52,6 +55,7 @@ def create_gateway(fleet: Fleet, policy: Policy | None = None) -> FastAPI:
     """The gateway app over `fleet`, ranking with `policy` (ours by default)."""
     policy = policy or Policy()
     metrics = GatewayMetrics()
+    prefixes = PrefixMap()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -72,9 +76,11 @@ def create_gateway(fleet: Fleet, policy: Policy | None = None) -> FastAPI:
             stream = bool(req.get("stream"))
         except (ValueError, AttributeError, TypeError, IndexError):
             return _error(400, "request body is not a JSON object", "invalid_request_error")
+        pkey = prefixes.key(req)
         prefs = Prefs(region=raw.headers.get("x-openlora-region"),
                       max_price=int(raw.headers["x-openlora-max-price"])
-                      if raw.headers.get("x-openlora-max-price", "").isdigit() else None)
+                      if raw.headers.get("x-openlora-max-price", "").isdigit() else None,
+                      prefix_node=prefixes.get(pkey))
         t0 = time.perf_counter()
         ranked = policy.rank(list(fleet.nodes.values()), model, prefs)
         metrics.decision.observe(time.perf_counter() - t0)
@@ -87,6 +93,8 @@ def create_gateway(fleet: Fleet, policy: Policy | None = None) -> FastAPI:
                 metrics.retries.inc()
             res, retry = await _send(node, path, body, headers, stream, model)
             if not retry:
+                if res is not None and res.status_code == 200:
+                    prefixes.put(pkey, node.url)
                 return res
             last = res or last
         return last or _error(502, "every node tried failed before answering", "bad_gateway")
@@ -221,6 +229,34 @@ def create_gateway(fleet: Fleet, policy: Policy | None = None) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class PrefixMap:
+    """Which node last served a prompt prefix, by a salted hash of its first 512 bytes (the
+    gateway keeps no prompt; the salt is random per process). Bounded LRU."""
+
+    def __init__(self, size: int = 50_000) -> None:
+        self.salt = os.urandom(16)
+        self.size = size
+        self.map: OrderedDict[bytes, str] = OrderedDict()
+
+    def key(self, req: dict) -> bytes | None:
+        head = req.get("messages") if "messages" in req else req.get("prompt")
+        if head is None:
+            return None
+        raw = json.dumps([req.get("model"), head], separators=(",", ":"))[:512].encode()
+        return hashlib.blake2b(raw, key=self.salt, digest_size=16).digest()
+
+    def get(self, key: bytes | None) -> str | None:
+        return self.map.get(key) if key is not None else None
+
+    def put(self, key: bytes | None, url: str) -> None:
+        if key is None:
+            return
+        self.map[key] = url
+        self.map.move_to_end(key)
+        while len(self.map) > self.size:
+            self.map.popitem(last=False)
 
 
 def _now_resident(node: NodeView, model: str | None) -> None:

@@ -14,11 +14,16 @@ Score (higher is better), with c = max_num_seqs (the node's batch capacity):
           - 0.50 * waiting / c       scraped queue (lags by a poll)
           - 0.25 * kv_usage          scraped KV-cache use
           - 0.20 * min(1, ttfb / 2 s) measured time to first byte (counts, declared facts do not)
+          + 0.30 * prefix            1 if this node served the same prompt prefix recently (its
+                                     prefix cache may hold it; only a salted hash is kept)
+          + 0.10 * region            1 if the node is in the requested region
+          - 0.10 * price / max price the node's completion price relative to the dearest candidate
           + U(0, 1e-6)               random tie-break
 
-Why these weights: a node holding the adapter wins until its own load reaches about 2/3 of its
-capacity over an idle node without it (1.0 - 1.5 x 0.67 = 0), so a hot adapter spreads to more
-nodes as its demand grows while a cold one stays where it is resident and is not loaded everywhere.
+Why these weights: a node holding the adapter keeps winning until the gateway's own requests in
+flight there reach about half its capacity over an idle node that has the adapter's files on disk
+((1.0 - 0.3) / 1.5 = 0.47 c), so a hot adapter spreads to more nodes as its demand grows, while a
+cold one stays where it is resident and is not loaded everywhere.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from openlora.network.view import NodeView
 AFFINITY = {"base": 1.0, "resident": 1.0, "host": 0.7, "loading": 0.6, "disk": 0.3, "registered": 0.3,
             "downloading": 0.1}
 W_AFFINITY, W_INFLIGHT, W_WAITING, W_KV, W_LATENCY = 1.0, 1.5, 0.5, 0.25, 0.2
+W_PREFIX, W_REGION, W_PRICE = 0.3, 0.1, 0.1
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class Prefs:
 
     region: str | None = None
     max_price: int | None = None  # per 1k completion tokens
+    prefix_node: str | None = None  # url of the node that last served this prompt prefix
 
 
 def eligible(nodes: Sequence[NodeView], model: str | None) -> list[NodeView]:
@@ -66,11 +73,18 @@ def soft_filters(nodes: list[NodeView], prefs: Prefs) -> list[NodeView]:
     return nodes
 
 
-def score(n: NodeView, model: str | None) -> float:
+def score(n: NodeView, model: str | None, prefs: Prefs = Prefs(), max_price: int = 0) -> float:
     c = max(1, n.max_num_seqs)
     lat = 0.0 if n.latency_s is None else min(1.0, n.latency_s / 2.0)
-    return (W_AFFINITY * AFFINITY.get(n.tier(model) or "", 0.0) - W_INFLIGHT * n.inflight / c
-            - W_WAITING * n.waiting / c - W_KV * n.kv_usage - W_LATENCY * lat)
+    s = (W_AFFINITY * AFFINITY.get(n.tier(model) or "", 0.0) - W_INFLIGHT * n.inflight / c
+         - W_WAITING * n.waiting / c - W_KV * n.kv_usage - W_LATENCY * lat)
+    if prefs.prefix_node == n.url:
+        s += W_PREFIX
+    if prefs.region and n.region.upper() == prefs.region.upper():
+        s += W_REGION
+    if max_price:
+        s -= W_PRICE * n.price.get("per_1k_completion_tokens", 0) / max_price
+    return s
 
 
 class Policy:
@@ -83,7 +97,8 @@ class Policy:
 
     def rank(self, nodes: Sequence[NodeView], model: str | None, prefs: Prefs = Prefs()) -> list[NodeView]:
         cands = soft_filters(eligible(nodes, model), prefs)
-        return sorted(cands, key=lambda n: score(n, model) + self.rng.uniform(0, 1e-6), reverse=True)
+        top = max((n.price.get("per_1k_completion_tokens", 0) for n in cands), default=0)
+        return sorted(cands, key=lambda n: score(n, model, prefs, top) + self.rng.uniform(0, 1e-6), reverse=True)
 
 
 class RoundRobin(Policy):
