@@ -155,3 +155,20 @@ def test_a_node_with_the_wrong_key_is_dropped(cluster):
         assert r.status_code == 503 and "no healthy node" in r.json()["error"]["message"]
     finally:
         gw.stop()
+
+
+def test_a_stream_cut_midway_ends_with_an_error_event(cluster):
+    gw, nodes = cluster["gw"], cluster["nodes"]
+    body = {"model": "tiny", "prompt": "count", "max_tokens": 200, "ignore_eos": True, "stream": True,
+            "temperature": 0}
+    lines = []
+    with httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=60) as r:
+        served = r.headers["x-openlora-node"]
+        victim = next(n for n in nodes if cluster["addrs"][n.url] == served)
+        it = r.iter_lines()
+        lines.append(next(it))
+        victim.proc.send_signal(signal.SIGKILL)  # dies while the answer streams
+        victim.proc.wait()
+        lines.extend(it)  # must end, not hang (the client's timeout would fail the test)
+    data = [x for x in lines if x.startswith("data: ")]
+    assert "upstream_error" in data[-1] and "[DONE]" not in data[-1], data[-3:]
