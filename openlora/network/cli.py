@@ -39,6 +39,7 @@ def run_gateway(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per proxied call and poll
     fleet = Fleet(nodes, chain=args.chain, poll_s=args.poll_interval)
     app = create_gateway(fleet, POLICIES[args.policy](args.seed))
     log.info("gateway on http://%s:%d, policy %s, %d static node(s)%s", args.host, args.port, args.policy,

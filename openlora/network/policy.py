@@ -16,6 +16,7 @@ Score (higher is better), with c = max_num_seqs (the node's batch capacity):
           - 0.20 * min(1, ttfb / 2 s) measured time to first byte (counts, declared facts do not)
           + 0.30 * prefix            1 if this node served the same prompt prefix recently (its
                                      prefix cache may hold it; only a salted hash is kept)
+          - 0.10 * no free slot      a cold adapter on a node whose device slots are all taken
           + 0.10 * region            1 if the node is in the requested region
           - 0.10 * price / max price the node's completion price relative to the dearest candidate
           + U(0, 1e-6)               random tie-break
@@ -38,7 +39,7 @@ from openlora.network.view import NodeView
 AFFINITY = {"base": 1.0, "resident": 1.0, "host": 0.7, "loading": 0.6, "disk": 0.3, "registered": 0.3,
             "downloading": 0.1}
 W_AFFINITY, W_INFLIGHT, W_WAITING, W_KV, W_LATENCY = 1.0, 1.5, 0.5, 0.25, 0.2
-W_PREFIX, W_REGION, W_PRICE = 0.3, 0.1, 0.1
+W_PREFIX, W_REGION, W_PRICE, W_NO_SLOT = 0.3, 0.1, 0.1, 0.1
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ def score(n: NodeView, model: str | None, prefs: Prefs = Prefs(), max_price: int
     lat = 0.0 if n.latency_s is None else min(1.0, n.latency_s / 2.0)
     s = (W_AFFINITY * AFFINITY.get(n.tier(model) or "", 0.0) - W_INFLIGHT * n.inflight / c
          - W_WAITING * n.waiting / c - W_KV * n.kv_usage - W_LATENCY * lat)
+    if n.tier(model) in ("host", "disk", "registered") and n.free_slots == 0:
+        s -= W_NO_SLOT  # loading it there first evicts another resident adapter
     if prefs.prefix_node == n.url:
         s += W_PREFIX
     if prefs.region and n.region.upper() == prefs.region.upper():
