@@ -206,6 +206,7 @@ def test_restart_mid_epoch_settles_everything_once(chain_up, payer, node):
 
 def test_gateway_finds_the_node_in_the_registry(chain_up, payer, node, tmp_path):
     from helpers import free_port as fp
+    from helpers import wait_healthy
 
     dep_path = chain_up["deployment"]
     addr = node_address(dep_path)
@@ -215,15 +216,7 @@ def test_gateway_finds_the_node_in_the_registry(chain_up, payer, node, tmp_path)
                           stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "gw.log").read_text()
-            time.sleep(0.3)
+        assert wait_healthy(url, gw, 60), (tmp_path / "gw.log").read_text()
         listed = httpx.get(url + "/v1/nodes", timeout=5).json()["data"]
         assert [n["address"] for n in listed] == [addr]
         assert listed[0]["region"] == "FR" and listed[0]["url"] == node["srv"].url and listed[0]["healthy"]

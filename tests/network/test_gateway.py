@@ -20,7 +20,7 @@ import openai
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
-from helpers import ROOT, ServerProcess, free_port, make_peft_adapter  # noqa: E402
+from helpers import ROOT, ServerProcess, free_port, make_peft_adapter, wait_healthy  # noqa: E402
 
 NODE_OPTS = ["--max-num-seqs", "8", "--kv-cache-memory", "16MiB", "--max-loras", "2", "--max-model-len", "256"]
 
@@ -34,16 +34,9 @@ class Gateway:
         self.proc = subprocess.Popen([sys.executable, "-m", "openlora.cli", "gateway", "--port", str(self.port),
                                       "--poll-interval", "0.5", *args], stdout=self._log, stderr=subprocess.STDOUT,
                                      cwd=ROOT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"gateway did not come up: {log.read_text()}")
+        if not wait_healthy(self.url, self.proc, 60):
+            self.stop()
+            raise RuntimeError(f"gateway did not come up: {log.read_text()}")
 
     def nodes(self) -> dict[str, dict]:
         return {n["url"]: n for n in httpx.get(self.url + "/v1/nodes", timeout=5).json()["data"]}

@@ -48,6 +48,19 @@ def write_manifest(adapter_dir: Path, base_model: str, *, allow: list[str] | Non
     (adapter_dir / "attribution.json").write_text(json.dumps(m))
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Poll `url`/health until it answers 200 (True), the process exits or time runs out (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,18 +86,9 @@ class ServerProcess:
             [sys.executable, "-m", "openlora.cli", "serve", "--port", str(self.port), "--num-threads", "1",
              "--ledger", str(tmp / f"ledger-{self.port}.sqlite"), "--node-key", str(tmp / "node_key.json"), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=e, cwd=ROOT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server did not come up in {timeout}s:\n{self.log()}")
+        if not wait_healthy(self.url, self.proc, timeout):
+            self.stop()
+            raise RuntimeError(f"server did not come up in {timeout}s (exit code {self.proc.returncode}):\n{self.log()}")
 
     def log(self) -> str:
         if not self._log.closed:
