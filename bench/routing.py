@@ -59,7 +59,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent / "tests" / "server"))
 from common import bench_root, emit  # noqa: E402
-from helpers import ROOT, ServerProcess, free_port, make_peft_adapter  # noqa: E402
+from helpers import ROOT, ServerProcess, free_port, make_peft_adapter, stop_process  # noqa: E402
 
 POLICIES = ("round-robin", "least-loaded", "ours")
 WARMUP_ADAPTER = "warmup"  # in the adapter folder, never in the workload: warms the LoRA path only
@@ -196,13 +196,7 @@ class GatewayProcess:
         return httpx.get(self.url + "/metrics", timeout=5).text
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=20)
         self._log.close()
 
 

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
-from helpers import ROOT, ServerProcess, free_port, make_peft_adapter, wait_healthy  # noqa: E402
+from helpers import ROOT, ServerProcess, free_port, make_peft_adapter, stop_process, wait_healthy  # noqa: E402
 
 NODE_OPTS = ["--max-num-seqs", "8", "--kv-cache-memory", "16MiB", "--max-loras", "2", "--max-model-len", "256"]
 
@@ -42,13 +42,7 @@ class Gateway:
         return {n["url"]: n for n in httpx.get(self.url + "/v1/nodes", timeout=5).json()["data"]}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=20)
         self._log.close()
 
 
