@@ -60,21 +60,28 @@ def _normalise_message(i: int, msg: Any) -> dict[str, Any]:
 
 
 def apply_chat_template(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = True
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
 ) -> str:
     """Render `messages` to a prompt string with the model's own chat template.
 
     The template is the one transformers loaded with the tokenizer (tokenizer_config.json's
     `chat_template`, or chat_template.jinja). Raises InvalidRequest when the model has no template,
     the messages are malformed, or the template itself rejects them (e.g. roles must alternate).
+    `continue_final_message` leaves the last (assistant) message open, so generation continues it.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this model has no chat template; use the completions API with a plain prompt")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list")
     msgs = [_normalise_message(i, m) for i, m in enumerate(messages)]
+    if continue_final_message and (add_generation_prompt or msgs[-1]["role"] != "assistant"
+                                   or not msgs[-1]["content"]):
+        raise InvalidRequest("continue_final_message needs add_generation_prompt=false and a last "
+                             "assistant message with content")
     try:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message)
     except jinja2.TemplateError as e:  # raise_exception(...) in templates lands here too
         raise InvalidRequest(f"chat template rejected the messages: {e}") from e
     assert isinstance(text, str), type(text)

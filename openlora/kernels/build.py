@@ -6,6 +6,8 @@ import functools
 import hashlib
 import logging
 import platform
+import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -37,8 +39,11 @@ def cpu_has(flag: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def cpu_tag() -> str:
-    """Hash of torch version, machine and CPU flags: the binaries are built with -march=native."""
-    return hashlib.sha1(f"{torch.__version__}|{platform.machine()}|{cpu_flags_line()}".encode()).hexdigest()[:10]
+    """Hash of torch version and install folder, Python, machine and CPU flags: the binaries are built
+    with -march=native, and ninja's build command names torch's and Python's include folders, so two
+    environments under one name would rebuild each other's module at every alternate start."""
+    where = f"{Path(torch.__file__).parent}|{sys.prefix}|{sys.version}"
+    return hashlib.sha1(f"{torch.__version__}|{where}|{platform.machine()}|{cpu_flags_line()}".encode()).hexdigest()[:10]
 
 
 def module_name(stem: str, source: str, cflags: tuple[str, ...], includes: tuple[str, ...] = ()) -> str:
@@ -66,11 +71,28 @@ def build_extension(stem: str, source: str, label: str, extra_cflags: tuple[str,
     name = module_name(stem, source, cflags, includes)
     build_dir = cache_dir() / "torch_extensions" / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(build_dir)
     logger.info("loading C++ %s extension %s (compiled on first use in %s)", label, name, build_dir)
     return cpp_extension.load(
         name=name, sources=[str(CSRC / source)], extra_cflags=list(cflags), extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir), verbose=False,
     )
+
+
+STALE_LOCK_S = 20 * 60  # the longest build (the decoder's unity build) takes ~4 min on 2 busy cores
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    """torch waits forever on the `lock` file of a build whose process was killed mid-way; one older
+    than any build takes is such a leftover, and goes."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        logger.warning("removing %s, left %.0f s ago by a build that never finished", lock, age)
+        lock.unlink(missing_ok=True)
 
 
 def try_build(load, label: str, fallback: str) -> bool:
@@ -115,7 +137,6 @@ def build_all(jobs: int | None = None) -> dict[str, bool]:
 def main() -> None:
     """`python -m openlora.kernels.build`: build all kernels, print what was built and how long it took."""
     import json
-    import time
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.monotonic()

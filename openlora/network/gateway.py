@@ -3,8 +3,9 @@
 Per request: parse only `model`, `adapters` and `stream` from the body; rank the nodes
 (policy.py); send the bytes unchanged to the primary, with the caller's bearer token or API key.
 Connection errors, timeouts and 5xx answers before the first byte go to the next node (at most 2
-retries). A stream cut midway ends with an OpenAI-style error event. The gateway stores no prompt
-and no output: it keeps receipt ids (to route `GET /v1/receipts/{id}`) and counters.
+retries). A stream cut midway is continued on another node (resume.py) or, where it cannot be,
+ends with an OpenAI-style error event. The gateway stores no prompt and no output: a stream's text
+lives only while the stream does; it keeps receipt ids (to route `GET /v1/receipts/{id}`) and counters.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 import httpx
 from fastapi import FastAPI, Request
@@ -26,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from openlora.network.fleet import Fleet
 from openlora.network.policy import Policy, Prefs
+from openlora.network.resume import EventSplitter, StreamText, is_role_only, resume_body
 from openlora.network.view import NodeView
 
 log = logging.getLogger("openlora.gateway")
@@ -47,6 +50,8 @@ class GatewayMetrics:
         self.requests = Counter("openlora_gateway_requests", "Proxied requests by node and outcome",
                                 ["node", "outcome"], registry=r)
         self.retries = Counter("openlora_gateway_retries", "Requests sent to a fallback node", registry=r)
+        self.resumed = Counter("openlora_gateway_resumed", "Tries to continue a stream whose node died "
+                               "mid-way on another node", registry=r)
         self.decision = Histogram("openlora_gateway_decision_seconds", "Time to rank the nodes", registry=r,
                                   buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2))
 
@@ -87,11 +92,12 @@ def create_gateway(fleet: Fleet, policy: Policy | None = None) -> FastAPI:
         if not ranked:
             return _error(503, f"no healthy node serves {model!r} now", "service_unavailable")
         headers = {k: v for k, v in raw.headers.items() if k.lower() in PASS_HEADERS}
+        ctx = _StreamCtx(req, path, model, prefs, headers) if stream else None
         last: Response | None = None
         for attempt, node in enumerate(ranked[:MAX_TRIES]):
             if attempt:
                 metrics.retries.inc()
-            res, retry = await _send(node, path, body, headers, stream, model)
+            res, retry = await _send(node, path, body, headers, ctx, model)
             if not retry:
                 if res is not None and res.status_code == 200:
                     prefixes.put(pkey, node.url)
@@ -100,9 +106,10 @@ def create_gateway(fleet: Fleet, policy: Policy | None = None) -> FastAPI:
         return last or _error(502, "every node tried failed before answering", "bad_gateway")
 
     async def _send(node: NodeView, path: str, body: bytes, headers: dict[str, str],
-                    stream: bool, model: str | None) -> tuple[Response | None, bool]:
+                    ctx: "_StreamCtx | None", model: str | None,
+                    continuation: bool = False) -> tuple[Response | None, bool]:
         """One try: (response, whether to try the next node). Retried: no connection, a timeout,
-        429 and 5xx answers, a stream that breaks before its first byte."""
+        429 and 5xx answers, a stream that breaks before its first byte. `ctx` is set for streams."""
         node.inflight += 1
         done = False
         t0 = time.monotonic()
@@ -124,7 +131,7 @@ def create_gateway(fleet: Fleet, policy: Policy | None = None) -> FastAPI:
                     node.fail()
                 metrics.requests.labels(node.id, f"http_{up.status_code}").inc()
                 return _passthrough(up, content, node), True
-            if not stream or up.status_code != 200:
+            if ctx is None or up.status_code != 200:
                 content = await up.aread()
                 node.ok(time.monotonic() - t0)
                 node.served += 1
@@ -147,7 +154,8 @@ def create_gateway(fleet: Fleet, policy: Policy | None = None) -> FastAPI:
             _now_resident(node, model)
             metrics.requests.labels(node.id, "ok").inc()
             done = True  # the stream's generator owns the connection and the in-flight count now
-            return StreamingResponse(_relay(node, up, first, chunks, headers), status_code=200,
+            return StreamingResponse(_relay(node, up, first, chunks, ctx, continuation and ctx.chat),
+                                     status_code=200,
                                      media_type=up.headers.get("content-type", "text/event-stream"),
                                      headers=_out_headers(up, node)), False
         finally:
@@ -156,28 +164,67 @@ def create_gateway(fleet: Fleet, policy: Policy | None = None) -> FastAPI:
                 await up.aclose()
 
     async def _relay(node: NodeView, up: httpx.Response, first: bytes, chunks: AsyncIterator[bytes],
-                     headers: dict[str, str]) -> AsyncIterator[bytes]:
+                     ctx: "_StreamCtx", skip_role: bool = False) -> AsyncIterator[bytes]:
+        """Relay whole events from `node`; if it dies before the answer is complete, continue on
+        another node (resume.py), else end with an OpenAI-style error event: never a hang."""
+        split = EventSplitter()
         receipt = None
         try:
-            yield first
-            tail = first[-200:]
-            async for c in chunks:
-                m = _RECEIPT.search(tail + c)
+            pending = split.feed(first)
+            async for c in _chain(pending, chunks, split):
+                m = _RECEIPT.search(c)
                 receipt = m.group(1).decode() if m else receipt
-                tail = c[-200:]
+                if skip_role and is_role_only(c):
+                    skip_role = False
+                    continue
+                ctx.text.see(c)
                 yield c
-        except httpx.HTTPError as e:  # the node died mid-stream: say so, do not hang
+        except httpx.HTTPError as e:
             node.fail()
-            msg = {"error": {"message": f"node {node.id} failed mid-stream: {type(e).__name__}",
-                             "type": "server_error", "code": "upstream_error", "param": None}}
-            yield f"data: {json.dumps(msg)}\n\n".encode()
+            metrics.requests.labels(node.id, "died_mid_stream").inc()
+            resumed = False
+            if not ctx.text.finished:  # ctx.text holds every node's part: a continuation can resume too
+                async for c in _resume(node, ctx):
+                    resumed = True
+                    yield c
+            if not resumed:
+                msg = {"error": {"message": f"node {node.id} failed mid-stream: {type(e).__name__}",
+                                 "type": "server_error", "code": "upstream_error", "param": None}}
+                yield f"data: {json.dumps(msg)}\n\n".encode()
         finally:
             node.inflight -= 1
             await up.aclose()
-            m = _RECEIPT.search(first)
-            receipt = receipt or (m.group(1).decode() if m else None)
             if receipt:
-                fleet.remember_receipt(receipt, node, headers)
+                fleet.remember_receipt(receipt, node, ctx.headers)
+
+    async def _resume(dead: NodeView, ctx: "_StreamCtx") -> AsyncIterator[bytes]:
+        """The rest of the answer from the best other node that opens a stream (at most two tried)."""
+        body = resume_body(ctx.req, ctx.chat, ctx.text.text, ctx.text.events)
+        if body is None:
+            return
+        data = json.dumps(body).encode()
+        ranked = [n for n in policy.rank(list(fleet.nodes.values()), ctx.model, ctx.prefs) if n is not dead]
+        for node in ranked[:MAX_TRIES - 1]:
+            metrics.resumed.inc()
+            res, retry = await _send(node, ctx.path, data, ctx.headers, ctx, ctx.model, continuation=True)
+            if retry or res is None:
+                continue
+            if not isinstance(res, StreamingResponse):  # an error answer (4xx): nothing to continue with
+                return
+            log.warning("resumed a stream cut by node %s on node %s", dead.url, node.url)
+            async for c in res.body_iterator:
+                yield c
+            return
+
+    async def _chain(pending: list[bytes], chunks: AsyncIterator[bytes],
+                     split: EventSplitter) -> AsyncIterator[bytes]:
+        for c in pending:
+            yield c
+        async for raw in chunks:
+            for c in split.feed(raw):
+                yield c
+        if rest := split.rest():
+            yield rest
 
     @app.post("/v1/completions")
     async def completions(raw: Request) -> Response:
@@ -229,6 +276,23 @@ def create_gateway(fleet: Fleet, policy: Policy | None = None) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+@dataclass
+class _StreamCtx:
+    """What a stream's relay needs to continue it elsewhere (kept only while it runs)."""
+
+    req: dict
+    path: str
+    model: str | None
+    prefs: Prefs
+    headers: dict[str, str]
+    chat: bool = field(init=False)
+    text: StreamText = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.chat = self.path.endswith("/chat/completions")
+        self.text = StreamText(self.chat)
 
 
 class PrefixMap:

@@ -114,6 +114,9 @@ class ChatCompletionRequest(_Extensions, _OpenAIChat):
 
     # Extension: render with add_generation_prompt (default True, as every chat server does).
     add_generation_prompt: bool = True
+    # Extension (vLLM's name): leave the last assistant message open and continue it; the gateway
+    # resumes a stream whose node died this way.
+    continue_final_message: bool = False
 
 
 class Usage(BaseModel):

@@ -390,7 +390,8 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, st: 
     _check_access(st, names, auth.payer if auth else body.user, key_id)
     msgs = [m.model_dump(exclude_none=True) for m in body.messages]
     try:
-        text = apply_chat_template(st.tokenizer, msgs, add_generation_prompt=body.add_generation_prompt)
+        text = apply_chat_template(st.tokenizer, msgs, add_generation_prompt=body.add_generation_prompt,
+                                   continue_final_message=body.continue_final_message)
     except InvalidRequest:
         raise
     except Exception as e:  # a template can raise anything on odd input: that is the input's fault

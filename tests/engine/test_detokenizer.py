@@ -286,6 +286,16 @@ def test_load_tokenizer_round_trip_and_chat_template(byte_level, tmp_path: Path)
     assert not apply_chat_template(tok, msgs, add_generation_prompt=False).endswith("assistant\n")
     parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     assert "user\na\nb<|im_end|>" in apply_chat_template(tok, parts)
+    # An open final assistant message (how the gateway resumes a cut stream) ends at its text.
+    cont = [*msgs, {"role": "assistant", "content": "Once upon"}]
+    assert apply_chat_template(tok, cont, add_generation_prompt=False, continue_final_message=True) == (
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi 😀<|im_end|>\n<|im_start|>assistant\nOnce upon"
+    )
+    for bad in ({"add_generation_prompt": True}, ):
+        with pytest.raises(InvalidRequest, match="continue_final_message"):
+            apply_chat_template(tok, cont, continue_final_message=True, **bad)
+    with pytest.raises(InvalidRequest, match="continue_final_message"):
+        apply_chat_template(tok, msgs, add_generation_prompt=False, continue_final_message=True)
 
 
 def test_load_tokenizer_errors(tmp_path: Path) -> None:

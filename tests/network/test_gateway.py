@@ -9,6 +9,7 @@ streams pass through; the models list is the union of the nodes'.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -144,12 +145,13 @@ def test_a_node_with_the_wrong_key_is_dropped(cluster):
         gw.stop()
 
 
-def test_a_stream_cut_midway_ends_with_an_error_event(cluster):
+def _cut_stream(cluster, path: str, body: dict) -> tuple[list[dict], list[str]]:
+    """Stream `body` through the gateway and SIGKILL the serving node after the first event; the
+    victim restarts (same port and key) once the stream has ended. (events as JSON, raw data lines)"""
     gw, nodes = cluster["gw"], cluster["nodes"]
-    body = {"model": "tiny", "prompt": "count", "max_tokens": 200, "ignore_eos": True, "stream": True,
-            "temperature": 0}
     lines = []
-    with httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", gw.url + path, json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
         served = r.headers["x-openlora-node"]
         victim = next(n for n in nodes if cluster["addrs"][n.url] == served)
         it = r.iter_lines()
@@ -157,5 +159,54 @@ def test_a_stream_cut_midway_ends_with_an_error_event(cluster):
         victim.proc.send_signal(signal.SIGKILL)  # dies while the answer streams
         victim.proc.wait()
         lines.extend(it)  # must end, not hang (the client's timeout would fail the test)
-    data = [x for x in lines if x.startswith("data: ")]
+    i = nodes.index(victim)
+    nodes[i] = ServerProcess(["--model", str(cluster["model"]), "--adapter-dir", str(cluster["adir"]), *NODE_OPTS],
+                             cluster["root"] / f"node{i}", port=victim.port)
+    data = [x[6:] for x in lines if x.startswith("data: ")]
+    return [json.loads(d) for d in data if d != "[DONE]"], data
+
+
+def _split_by_id(events: list[dict], piece) -> tuple[str, int, str, int]:
+    """(text, events) of the first node's part and of the continuation (the ids differ)."""
+    first_id = events[0]["id"]
+    a = [piece(e) for e in events if e["id"] == first_id and e["choices"] and piece(e)]
+    b = [piece(e) for e in events if e["id"] != first_id and e["choices"] and piece(e)]
+    return "".join(a), len(a), "".join(b), len(b)
+
+
+def test_a_stream_cut_midway_is_continued_on_another_node(cluster):
+    """Completions: the continuation is exactly what a surviving node answers, greedy, to prompt +
+    the text already sent, with the budget that was left; the client sees one whole stream."""
+    body = {"model": "hot", "prompt": "count", "max_tokens": 120, "ignore_eos": True, "stream": True,
+            "temperature": 0}
+    events, data = _cut_stream(cluster, "/v1/completions", body)
+    assert data[-1] == "[DONE]" and not any("error" in e for e in events), data[-3:]
+    head, n_head, tail, n_tail = _split_by_id(events, lambda e: e["choices"][0]["text"])
+    assert n_head >= 1 and n_tail >= 1, (n_head, n_tail)
+    assert events[-1]["choices"] == [] or events[-2]["choices"][0]["finish_reason"] == "length"
+    direct = httpx.post(cluster["gw"].url + "/v1/completions", timeout=60, json={
+        **body, "stream": False, "prompt": "count" + head, "max_tokens": 120 - n_head}).json()
+    assert tail == direct["choices"][0]["text"]
+    assert direct["usage"]["completion_tokens"] == 120 - n_head
+
+
+def test_a_chat_stream_cut_midway_continues_the_assistant_message(cluster):
+    body = {"model": "warm", "messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 120,
+            "ignore_eos": True, "stream": True, "temperature": 0}
+    events, data = _cut_stream(cluster, "/v1/chat/completions", body)
+    assert data[-1] == "[DONE]" and not any("error" in e for e in events), data[-3:]
+    roles = [e for e in events if e["choices"] and "role" in e["choices"][0]["delta"]]
+    assert len(roles) == 1, "the continuation's opening role event reached the client"
+    head, n_head, tail, _ = _split_by_id(events, lambda e: e["choices"][0]["delta"].get("content"))
+    direct = httpx.post(cluster["gw"].url + "/v1/chat/completions", timeout=60, json={
+        **body, "stream": False, "max_tokens": 120 - n_head, "add_generation_prompt": False,
+        "continue_final_message": True,
+        "messages": [*body["messages"], {"role": "assistant", "content": head}]}).json()
+    assert tail == direct["choices"][0]["message"]["content"]
+
+
+def test_a_stream_that_cannot_be_continued_ends_with_an_error_event(cluster):
+    body = {"model": "tiny", "prompt": "count", "max_tokens": 120, "ignore_eos": True, "stream": True,
+            "temperature": 0, "n": 2}  # two choices: not resumed
+    _, data = _cut_stream(cluster, "/v1/completions", body)
     assert "upstream_error" in data[-1] and "[DONE]" not in data[-1], data[-3:]

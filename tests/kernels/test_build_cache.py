@@ -1,0 +1,33 @@
+"""The compile cache's rules: module names part environments, stale build locks are cleared."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from openlora.kernels import build
+
+
+def test_a_stale_lock_is_removed_and_a_live_one_kept(tmp_path):
+    lock = tmp_path / "lock"
+    lock.touch()
+    build._clear_stale_lock(tmp_path)
+    assert lock.exists(), "a build in progress holds this lock"
+    old = time.time() - build.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    build._clear_stale_lock(tmp_path)
+    assert not lock.exists()
+    build._clear_stale_lock(tmp_path)  # no lock: nothing to do
+
+
+def test_the_module_name_depends_on_flags_and_environment(monkeypatch):
+    a = build.module_name("sgmv", "fused_ops_cpu.cpp", ("-O3",))
+    assert a == build.module_name("sgmv", "fused_ops_cpu.cpp", ("-O3",))
+    assert a != build.module_name("sgmv", "fused_ops_cpu.cpp", ("-O2",))
+    build.cpu_tag.cache_clear()
+    monkeypatch.setattr(build.sys, "prefix", "/another/venv")
+    try:
+        assert a != build.module_name("sgmv", "fused_ops_cpu.cpp", ("-O3",)), "two venvs would share one build folder"
+    finally:
+        monkeypatch.undo()
+        build.cpu_tag.cache_clear()
