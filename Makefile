@@ -25,7 +25,12 @@ $(VENV)/.anvil: $(VENV)/.installed
 	$(PY) -m openlora.chain.anvil
 	touch $@
 
-setup: $(VENV)/.installed $(VENV)/.kernels $(VENV)/.anvil
+# Debian's Chromium for the Open Chat browser tests (Playwright drives it; it never downloads a browser).
+$(VENV)/.chromium:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	touch $@
+
+setup: $(VENV)/.installed $(VENV)/.kernels $(VENV)/.anvil $(VENV)/.chromium
 
 serve: setup  ## serve the demo model and adapters (or ARGS="--model PATH ...") on 127.0.0.1:8000
 	$(VENV)/bin/openlora serve $(ARGS)

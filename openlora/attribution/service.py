@@ -207,6 +207,13 @@ class AttributionService:
         if closed:
             self._epoch_done = closed[-1].last_seq
 
+    def close_epoch(self) -> Any:
+        """Close an epoch now over every committed receipt not yet in one (None if there is none)."""
+        ep = self.epochs.close()
+        if ep is not None:
+            self._epoch_done = max(self._epoch_done, ep.last_seq)
+        return ep
+
     def _fail(self, batch: list[tuple[int, Receipt]], err: BaseException) -> None:
         """A commit failed: fail its receipts and all queued ones built on them; reset the head."""
         with self._lock:

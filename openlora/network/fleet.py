@@ -129,6 +129,10 @@ class Fleet:
         n.free_slots, n.running, n.waiting = s.get("free_slots", 0), s.get("running", 0), s.get("waiting", 0)
         n.max_num_seqs, n.kv_usage = max(1, s.get("max_num_seqs", 1)), float(s.get("kv_usage", 0.0))
         n.scraped_at = time.time()
+        if not n.region:  # a static node: what it declares (a registry node's come from the chain)
+            n.region = s.get("region") or ""
+            n.location = tuple(s["location"]) if s.get("location") else None
+            n.hardware, n.price = s.get("hardware") or {}, s.get("price") or {}
         if n.address is None and s.get("node"):
             n.address = s["node"]  # unpinned: the reported address, until a receipt disagrees
         if not n.healthy:

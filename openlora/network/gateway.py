@@ -30,11 +30,13 @@ from openlora.network.fleet import Fleet
 from openlora.network.policy import Policy, Prefs
 from openlora.network.resume import EventSplitter, StreamText, is_role_only, resume_body
 from openlora.network.view import NodeView
+from openlora.web import mount_web
 
 log = logging.getLogger("openlora.gateway")
 NODE_HEADER = "x-openlora-node"
 PASS_HEADERS = ("authorization", "x-api-key", "content-type", "accept")
 MAX_TRIES = 3  # the primary and at most two fallbacks
+_TIER_RANK = {"resident": 0, "loading": 1, "host": 2, "disk": 3, "registered": 4}
 _RECEIPT = re.compile(rb'"receipt_id"\s*:\s*"(0x[0-9a-fA-F]{64})"')
 
 
@@ -236,6 +238,7 @@ def create_gateway(fleet: Fleet, policy: Policy | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
+        """The union of the nodes' models; an adapter's `state` is its best tier on any usable node."""
         ids: dict[str, dict] = {}
         for n in fleet.nodes.values():
             if not n.usable():
@@ -243,28 +246,54 @@ def create_gateway(fleet: Fleet, policy: Policy | None = None) -> FastAPI:
             if n.model:
                 ids.setdefault(n.model, {"id": n.model, "object": "model", "owned_by": "openlora", "nodes": 0})
                 ids[n.model]["nodes"] += 1
-            for a in n.adapters:
-                ids.setdefault(a, {"id": a, "object": "model", "owned_by": "openlora", "parent": n.model, "nodes": 0})
-                ids[a]["nodes"] += 1
+            for a, tier in n.adapters.items():
+                card = ids.setdefault(a, {"id": a, "object": "model", "owned_by": "openlora", "parent": n.model,
+                                          "nodes": 0, "state": tier})
+                card["nodes"] += 1
+                if _TIER_RANK.get(tier, 9) < _TIER_RANK.get(card["state"], 9):
+                    card["state"] = tier
         return {"object": "list", "data": list(ids.values())}
 
     @app.get("/v1/nodes")
     async def nodes() -> dict:
         return {"object": "list", "data": fleet.snapshot()}
 
-    @app.get("/v1/receipts/{receipt_id}")
-    async def receipt(receipt_id: str, raw: Request) -> Response:
+    async def _receipt_get(receipt_id: str, suffix: str, raw: Request) -> Response:
+        """GET a receipt route from the node that signed it (remembered), else ask every usable node."""
         headers = {k: v for k, v in raw.headers.items() if k.lower() in PASS_HEADERS}
         url = fleet.receipt_node.get(receipt_id)
         order = [fleet.nodes[url]] if url in fleet.nodes else [n for n in fleet.nodes.values() if n.usable()]
         for n in order:
             try:
-                r = await fleet.client.get(f"{n.url}/v1/receipts/{receipt_id}", headers=headers)
+                r = await fleet.client.get(f"{n.url}/v1/receipts/{receipt_id}{suffix}", headers=headers)
             except httpx.HTTPError:
                 continue
             if r.status_code != 404:
                 return _passthrough(r, r.content, n)
         return _error(404, f"no receipt {receipt_id!r}", "not_found_error")
+
+    @app.get("/v1/epochs")
+    async def epochs(raw: Request) -> dict:
+        """Every usable node's closed epochs (each row names its node), newest first."""
+        headers = {k: v for k, v in raw.headers.items() if k.lower() in PASS_HEADERS}
+        rows = []
+        for n in [n for n in fleet.nodes.values() if n.usable()]:
+            try:
+                r = await fleet.client.get(f"{n.url}/v1/epochs", headers=headers)
+                data = r.json().get("data", []) if r.status_code == 200 else []
+            except (httpx.HTTPError, ValueError):
+                continue
+            rows += [{**e, "node": n.id} for e in data if isinstance(e, dict)]
+        rows.sort(key=lambda e: e.get("closed_at_ms") or 0, reverse=True)
+        return {"object": "list", "data": rows}
+
+    @app.get("/v1/receipts/{receipt_id}")
+    async def receipt(receipt_id: str, raw: Request) -> Response:
+        return await _receipt_get(receipt_id, "", raw)
+
+    @app.get("/v1/receipts/{receipt_id}/proof")
+    async def receipt_proof(receipt_id: str, raw: Request) -> Response:
+        return await _receipt_get(receipt_id, "/proof", raw)
 
     @app.get("/health")
     async def health() -> Response:
@@ -274,6 +303,8 @@ def create_gateway(fleet: Fleet, policy: Policy | None = None) -> FastAPI:
     @app.get("/metrics")
     async def prom() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    mount_web(app, network_map=True)
 
     return app
 

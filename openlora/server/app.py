@@ -16,12 +16,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from openlora.engine.async_engine import AsyncEngine
 from openlora.errors import AdapterNotFound, InvalidRequest, OpenLoRAError
 from openlora.server.errors import error_body, install_error_handlers
+from openlora.server.explorer import install_explorer_routes
 from openlora.server.metrics import Metrics, snapshot
 from openlora.server.node_state import ADAPTER_STATE_HEADER, node_state
 from openlora.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                       CompletionResponse, ModelCard, ModelList, RegisterAdapterRequest)
 from openlora.server.serving import create_chat_completion, create_completion
 from openlora.server.state import ReceiptHook, ServerState
+from openlora.web import mount_web
 
 log = logging.getLogger("openlora.server")
 
@@ -100,8 +102,13 @@ def build_state(opts: ServeOptions) -> ServerState:
         state.attribution = _open_attribution(opts, model_id, engine.base_model_hash)
         state.receipts = ReceiptHook(state.attribution, metrics)
         engine.usage_listeners.append(state.receipts)
+        base = state.attribution.manifest_for_base()
+        state.declared["price"] = {"per_1k_prompt_tokens": base.price_per_1k_prompt_tokens,
+                                   "per_1k_completion_tokens": base.price_per_1k_completion_tokens}
         if opts.chain:
             _join_chain(state, opts, adapters)
+    state.declared.update(region=opts.region, location=list(opts.location) if opts.location else None,
+                          hardware=declared_hardware())
     for name, source in adapters:
         try:
             register_adapter(state, name, source)
@@ -155,6 +162,16 @@ def _join(state: ServerState, opts: ServeOptions, adapters: list[tuple[str, str]
     state.payments = Payments(chain, state.settler, att)
     state.receipts.on_recorded.append(state.payments.release)
     state.settler.start(opts.epoch_seconds)
+    state.chain_deployment = opts.chain
+
+
+def declared_hardware() -> dict:
+    """This machine's hardware in the registry's shape (accelerator kind, model, memory, count, cores)."""
+    from openlora.chain.registry_sync import detect_hardware
+
+    hw = detect_hardware()
+    return {"accelerator": hw["accelerator_kind"], "model": hw["accelerator_model"],
+            "memory_mb": hw["accelerator_memory_mb"], "count": hw["accelerator_count"], "cpu_cores": hw["cpu_cores"]}
 
 
 def _open_attribution(opts: ServeOptions, model_id: str, base_hash: str):
@@ -210,7 +227,8 @@ def create_app(state: ServerState) -> FastAPI:
                   description="OpenAI-compatible multi-LoRA serving with proof of attribution.")
     app.state.openlora = state
     install_error_handlers(app)
-    app.add_middleware(_StatusCounter, metrics=state.metrics)
+    app.add_middleware(_StatusCounter, metrics=state.metrics,
+                       node_id=state.attribution.identity.address if state.attribution is not None else None)
 
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(body: CompletionRequest, raw: Request):
@@ -259,11 +277,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/epochs/close")
     async def close_epoch(raw: Request) -> dict:
-        """Admin: close the current epoch and settle it on chain now."""
+        """Admin: close the current epoch now, and on a chain settle it."""
         state.require_admin(raw)
-        if state.settler is None:
-            raise InvalidRequest("this node is not on a chain (start it with --chain DEPLOYMENT)")
-        return await asyncio.to_thread(state.settler.close_and_settle)
+        if state.settler is not None:
+            return await asyncio.to_thread(state.settler.close_and_settle)
+        if state.attribution is None:
+            raise InvalidRequest("attribution is disabled on this server (--no-attribution): there are no epochs")
+        ep = await asyncio.to_thread(state.attribution.close_epoch)
+        return {"epoch": ep.epoch if ep else None, "batches": [], "settled": 0, "total": 0}
 
     @app.get("/health")
     async def health() -> Response:
@@ -275,6 +296,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def node_state_route() -> dict:
         """What a router needs: residency of every adapter, free slots, queue, KV use, node id."""
         return node_state(state, await state.engine.call(snapshot))
+
+    install_explorer_routes(app, state, state.chain_deployment)
+    mount_web(app, network_map=state.chain_deployment is not None)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -290,9 +314,10 @@ class _StatusCounter:
 
     ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapters", "/v1/receipts")
 
-    def __init__(self, app, metrics: Metrics) -> None:
+    def __init__(self, app, metrics: Metrics, node_id: str | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.node_header = [(b"x-openlora-node", node_id.encode())] if node_id else []
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -305,7 +330,7 @@ class _StatusCounter:
                 self.metrics.requests.labels(route, str(msg["status"])).inc()
                 st = scope.get("state") or {}
                 if "adapter_state" in st:  # set by the route at arrival (node_state.note_adapter_state)
-                    msg = {**msg, "headers": [*msg.get("headers", []),
+                    msg = {**msg, "headers": [*msg.get("headers", []), *self.node_header,
                                               (ADAPTER_STATE_HEADER.encode(), st["adapter_state"].encode())]}
             await send(msg)
 

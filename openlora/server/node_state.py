@@ -38,6 +38,7 @@ def node_state(state: Any, snap: dict[str, Any]) -> dict[str, Any]:
         "max_num_seqs": sched.max_num_seqs,
         "kv_usage": snap["kv_usage"],
         "chain": state.settler is not None,
+        **state.declared,  # region, location, hardware, price: declared, not measured
     }
 
 

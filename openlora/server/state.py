@@ -83,6 +83,8 @@ class ServerState:
     attribution: Any = None  # AttributionService, or None with --no-attribution
     payments: Any = None  # chain.payments.Payments in chain mode (serve --chain), else None
     settler: Any = None  # chain.settler.Settler in chain mode
+    declared: dict = field(default_factory=dict)  # region, location, hardware, price: what /v1/state declares
+    chain_deployment: str | None = None  # the deployment file in chain mode (the map reads its registry)
     receipts: ReceiptHook | None = None
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> key id
     admin_key: str | None = None

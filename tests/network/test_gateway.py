@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,30 +20,9 @@ import openai
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
-from helpers import ROOT, ServerProcess, free_port, make_peft_adapter, stop_process, wait_healthy  # noqa: E402
+from helpers import Gateway, ServerProcess, make_peft_adapter  # noqa: E402
 
 NODE_OPTS = ["--max-num-seqs", "8", "--kv-cache-memory", "16MiB", "--max-loras", "2", "--max-model-len", "256"]
-
-
-class Gateway:
-    def __init__(self, nodes: list[str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log, "wb")
-        args = [a for n in nodes for a in ("--node", n)]
-        self.proc = subprocess.Popen([sys.executable, "-m", "openlora.cli", "gateway", "--port", str(self.port),
-                                      "--poll-interval", "0.5", *args], stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT)
-        if not wait_healthy(self.url, self.proc, 60):
-            self.stop()
-            raise RuntimeError(f"gateway did not come up: {log.read_text()}")
-
-    def nodes(self) -> dict[str, dict]:
-        return {n["url"]: n for n in httpx.get(self.url + "/v1/nodes", timeout=5).json()["data"]}
-
-    def stop(self) -> None:
-        stop_process(self.proc, timeout=20)
-        self._log.close()
 
 
 @pytest.fixture(scope="module")

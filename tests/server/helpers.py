@@ -119,3 +119,26 @@ class ServerProcess:
         stop_process(self.proc, sig, timeout)
         self._log.close()
         return self.proc.returncode
+
+
+class Gateway:
+    """`python -m openlora.cli gateway --node ...` on a free port; `nodes()` maps url -> /v1/nodes row."""
+
+    def __init__(self, nodes: list[str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log, "wb")
+        args = [a for n in nodes for a in ("--node", n)]
+        self.proc = subprocess.Popen([sys.executable, "-m", "openlora.cli", "gateway", "--port", str(self.port),
+                                      "--poll-interval", "0.5", *args], stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT)
+        if not wait_healthy(self.url, self.proc, 60):
+            self.stop()
+            raise RuntimeError(f"gateway did not come up: {log.read_text()}")
+
+    def nodes(self) -> dict[str, dict]:
+        return {n["url"]: n for n in httpx.get(self.url + "/v1/nodes", timeout=5).json()["data"]}
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=20)
+        self._log.close()
