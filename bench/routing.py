@@ -400,7 +400,8 @@ def run_one(cluster: Cluster, policy: str, jobs: list[Job], args: argparse.Names
            "distinct_adapters": len({j.adapter for j in jobs}),
            "decision_us_p50_hist": _us(histogram_quantile(gm, "openlora_gateway_decision_seconds", 0.5)),
            "decision_us_p99_hist": _us(histogram_quantile(gm, "openlora_gateway_decision_seconds", 0.99)),
-           "gateway_retries": gm.get("openlora_gateway_retries_total", 0.0), "gateway_nodes": seen,
+           "gateway_retries": gm.get("openlora_gateway_retries_total", 0.0),
+           "gateway_resumed": gm.get("openlora_gateway_resumed_total", 0.0), "gateway_nodes": seen,
            "startup_s": round(start_s, 1),
            # CPU seconds during the workload: ours (nodes, gateway, client), the rest of the machine (other
            # tenants: a run with much of it is disturbed), stolen by the hypervisor. With `kill`, the
@@ -412,9 +413,9 @@ def run_one(cluster: Cluster, policy: str, jobs: list[Job], args: argparse.Names
         vid = fail.get("victim_id")
         res["failure"] = {
             **fail,
-            # Requests answered by the victim that were open at the kill: streams it had begun answering,
-            # which cannot move (the gateway relays bytes as they come). Those still before their first
-            # byte were moved to another node (gateway_retries).
+            # Requests answered by the victim that were open at the kill: streams it had begun answering
+            # are continued on another node (gateway_resumed, network/resume.py; `o.node` is the first
+            # node's, from the header); those still before their first byte were retried (gateway_retries).
             "in_flight_on_victim_at_kill": sum(1 for o in outs if o.node == vid and o.start < k < o.end),
             "failed_in_flight_on_victim": sum(1 for o in outs if not o.ok and o.node == vid and o.start < k),
             "sent_to_victim_after_kill": sum(1 for o in outs if o.node == vid and o.start > k),
@@ -628,7 +629,8 @@ def report(runs: list[dict], failure: dict | None, args: argparse.Namespace, n_j
         res["failure_phase"] = {"policy": "ours", "success_rate": failure["success_rate"],
                                 "target_success_rate": 0.999, **failure["failure"],
                                 "requests": failure["requests"], "errors": failure["errors"],
-                                "ttft_ms_p99": failure["ttft_ms_p99"], "gateway_retries": failure["gateway_retries"]}
+                                "ttft_ms_p99": failure["ttft_ms_p99"], "gateway_retries": failure["gateway_retries"],
+                                "gateway_resumed": failure.get("gateway_resumed", 0.0)}
     return res
 
 

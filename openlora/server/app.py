@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from openlora.engine.async_engine import AsyncEngine
 from openlora.errors import AdapterNotFound, InvalidRequest, OpenLoRAError
 from openlora.server.errors import error_body, install_error_handlers
+from openlora.server.chain_routes import install_chain_routes
 from openlora.server.explorer import install_explorer_routes
 from openlora.server.metrics import Metrics, snapshot
 from openlora.server.node_state import ADAPTER_STATE_HEADER, node_state
@@ -298,7 +299,9 @@ def create_app(state: ServerState) -> FastAPI:
         return node_state(state, await state.engine.call(snapshot))
 
     install_explorer_routes(app, state, state.chain_deployment)
-    mount_web(app, network_map=state.chain_deployment is not None)
+    if state.settler is not None:
+        install_chain_routes(app, state)
+    mount_web(app, network_map=state.chain_deployment is not None, wallet=state.settler is not None)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -32,12 +32,13 @@ class _SecureStatic(StaticFiles):
         return res
 
 
-def mount_web(app: FastAPI, network_map: bool) -> None:
+def mount_web(app: FastAPI, network_map: bool, wallet: bool = False) -> None:
     """Serve the page at `/` and its files under `/static/`. `network_map`: this server answers
-    GET /v1/nodes (a gateway, or a node on a chain); the page learns it from a meta tag, so it never
-    probes a route that is not there."""
-    page = (STATIC / "index.html").read_text(encoding="utf-8").replace(
-        '<meta name="openlora-map" content="no">', f'<meta name="openlora-map" content="{"yes" if network_map else "no"}">')
+    GET /v1/nodes (a gateway, or a node on a chain); `wallet`: it answers /v1/chain (a node on a
+    chain). The page learns both from meta tags, so it never probes a route that is not there."""
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+    for name, on in (("openlora-map", network_map), ("openlora-wallet", wallet)):
+        page = page.replace(f'<meta name="{name}" content="no">', f'<meta name="{name}" content="{"yes" if on else "no"}">')
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,17 +18,13 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import ROOT, Gateway, ServerProcess  # noqa: E402
+from pages import Watched, last_answer, send, wait_done  # noqa: E402
 
 from openlora.web import CSP  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
-SHOTS = ROOT / "docs" / "screenshots"
-WIDTHS = {"desktop": (1280, 860), "mobile": (390, 844)}
 ADMIN = "web-test-admin"
-ANSWER_S = 120  # one full answer of the demo model on 2 busy cores
 
 
 @pytest.fixture(scope="module")
@@ -41,64 +36,6 @@ def servers(tmp_path_factory):
     yield {"node": node, "gw": gw}
     gw.stop()
     node.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).is_file(), f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
-class Watched:
-    """A page with its console errors and off-origin requests recorded."""
-
-    def __init__(self, browser, origin: str, width: str = "desktop", bypass_csp: bool = False) -> None:
-        w, h = WIDTHS[width]
-        self.ctx = browser.new_context(viewport={"width": w, "height": h}, bypass_csp=bypass_csp,
-                                       reduced_motion="reduce" if width == "mobile" else "no-preference")
-        self.page = self.ctx.new_page()
-        self.origin = origin
-        self.errors: list[str] = []
-        self.offsite: list[str] = []
-        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
-        self.page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
-        self.page.on("request", self._request)
-
-    def _request(self, r) -> None:
-        if not r.url.startswith((self.origin + "/", "data:", "blob:")):
-            self.offsite.append(r.url)
-
-    def open(self, hash_: str = "") -> None:
-        self.page.goto(f"{self.origin}/{hash_}")
-        self.page.get_by_label("Message").or_(self.page.get_by_role("heading", level=2).first).wait_for()
-
-    def shot(self, name: str, width: str = "desktop") -> None:
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(SHOTS / f"{name}-{width}.png"), full_page=True)
-
-    def close(self) -> None:
-        self.ctx.close()
-        assert not self.errors, self.errors
-        assert not self.offsite, self.offsite
-
-
-def _send(page, text: str) -> None:
-    page.get_by_label("Message").fill(text)
-    page.get_by_label("Message").press("Enter")
-
-
-def _last_answer(page):
-    return page.locator("article.msg.assistant").last
-
-
-def _wait_done(page, timeout_s: float = ANSWER_S) -> None:
-    page.locator('article.msg.assistant[aria-busy="false"]').last.wait_for(timeout=timeout_s * 1000)
-    page.get_by_role("button", name="Send").wait_for(timeout=10_000)
 
 
 def test_page_headers_and_static_files(servers):
@@ -125,13 +62,13 @@ def test_chat_streams_stops_regenerates_and_shows_the_receipt(servers, browser):
     assert "\n" in box.input_value() and page.locator("article.msg").count() == 0
     box.press("Enter")
     # The answer grows while it streams.
-    answer = _last_answer(page)
+    answer = last_answer(page)
     page.locator('article.msg.assistant[aria-busy="true"] .md p').first.wait_for(timeout=60_000)
     first = len(answer.locator(".md").inner_text())
     page.wait_for_timeout(1500)
     busy = answer.get_attribute("aria-busy") == "true"
     assert not busy or len(answer.locator(".md").inner_text()) > first, "the answer did not grow while streaming"
-    _wait_done(page)
+    wait_done(page)
     meta = answer.locator(".meta").inner_text()
     assert "TTFT" in meta and "tok/s" in meta and "node 0x" in meta and "fee" in meta, meta
     log = page.get_by_role("log", name="Conversation")
@@ -154,11 +91,11 @@ def test_chat_streams_stops_regenerates_and_shows_the_receipt(servers, browser):
     w.shot("receipt")
 
     # Stop one mid-stream: the Send button comes back and the node stops generating.
-    _send(page, "Write a long story about a ship and its crew.")
+    send(page, "Write a long story about a ship and its crew.")
     page.locator('article.msg.assistant[aria-busy="true"] .md p').first.wait_for(timeout=60_000)
     page.get_by_role("button", name="Stop").click()
-    _wait_done(page, 20)
-    assert "stopped" in _last_answer(page).locator(".meta").inner_text()
+    wait_done(page, 20)
+    assert "stopped" in last_answer(page).locator(".meta").inner_text()
     t0 = time.monotonic()
     while httpx.get(f"{node.url}/v1/state", timeout=10).json()["running"]:
         assert time.monotonic() - t0 < 10, "the stopped request still runs on the node"
@@ -168,9 +105,9 @@ def test_chat_streams_stops_regenerates_and_shows_the_receipt(servers, browser):
     n_answers = page.locator("article.msg.assistant").count()
     page.get_by_role("button", name="Regenerate").click()
     page.locator('article.msg.assistant[aria-busy="true"]').wait_for(timeout=10_000)
-    _wait_done(page)
+    wait_done(page)
     assert page.locator("article.msg.assistant").count() == n_answers
-    assert "stopped" not in _last_answer(page).locator(".meta").inner_text()
+    assert "stopped" not in last_answer(page).locator(".meta").inner_text()
 
     # The explorer: this browser's receipts, payees, the closed epoch and a Merkle proof checked here.
     r = httpx.post(f"{node.url}/v1/epochs/close", headers={"authorization": f"Bearer {ADMIN}"}, timeout=30)
@@ -194,8 +131,8 @@ def test_gateway_page_routes_chat_and_draws_the_map(servers, browser):
     page = w.page
     w.open()
     page.get_by_label("Adapter", exact=True).select_option("french")
-    _send(page, "Bonjour !")
-    _wait_done(page)
+    send(page, "Bonjour !")
+    wait_done(page)
     page.get_by_role("button", name="Receipt").click()
     region = page.get_by_role("region", name=re.compile(r"^Receipt 0x"))
     region.get_by_text("Who was paid").wait_for()
@@ -209,6 +146,28 @@ def test_gateway_page_routes_chat_and_draws_the_map(servers, browser):
     assert page.locator("svg .node.healthy circle").count() == 1
     page.locator("svg path.land").wait_for()
     w.shot("map")
+    w.close()
+
+
+def test_mixing_two_adapters(servers, browser):
+    """The mix panel sends `adapters` with weights and a merge strategy; the receipt names both."""
+    w = Watched(browser, servers["node"].url)
+    page = w.page
+    w.open()
+    page.get_by_role("button", name="Mix adapters…").click()
+    page.get_by_label("Adapter 1", exact=True).select_option("pirate")
+    page.get_by_label("Adapter 2", exact=True).select_option("french")
+    page.get_by_label("Weight").nth(0).fill("0.7")
+    page.get_by_label("Weight").nth(1).fill("0.3")
+    page.get_by_label("Merge strategy").select_option("linear")
+    send(page, "Hello there")
+    wait_done(page)
+    assert "pirate×0.7 + french×0.3" in last_answer(page).locator(".who").inner_text()
+    page.get_by_role("button", name="Receipt").click()
+    region = page.get_by_role("region", name=re.compile(r"^Receipt 0x"))
+    region.get_by_text("Who was paid").wait_for()
+    text = region.inner_text()
+    assert "pirate (70%, v1)" in text and "french (30%, v1)" in text and "merge linear" in text, text
     w.close()
 
 
@@ -238,7 +197,7 @@ def test_hostile_markdown_is_neutralized(servers, browser):
     w.close()
 
 
-@pytest.mark.parametrize("view", ["", "#/explorer"])
+@pytest.mark.parametrize("view", ["", "#/explorer", "#/map"])
 def test_accessibility_scan_and_keyboard(servers, browser, view):
     """axe-core (vendored for tests) finds no serious or critical violation; the controls have the
     names the issue asks for. The scan context bypasses CSP only to inject axe."""
@@ -252,6 +211,10 @@ def test_accessibility_scan_and_keyboard(servers, browser, view):
         assert page.get_by_role("log").count() == 1
         page.get_by_label("Message").focus()
         assert page.evaluate("document.activeElement.id") == "message"
+        send(page, "Hi")  # scan with an answer and its receipt open
+        wait_done(page)
+        page.get_by_role("button", name="Receipt").click()
+        page.get_by_role("region", name=re.compile(r"^Receipt 0x")).get_by_text("Who was paid").wait_for()
     page.add_script_tag(path=str(ROOT / "tests" / "web" / "vendor" / "axe.min.js"))
     for theme in ("light", "dark"):
         page.evaluate("t => document.documentElement.dataset.theme = t", theme)
@@ -276,8 +239,8 @@ def test_mobile_width(servers, browser):
 
     w.open()
     page.get_by_label("Adapter", exact=True).select_option("legal")
-    _send(page, "Hello")
-    _wait_done(page)
+    send(page, "Hello")
+    wait_done(page)
     fits("chat")
     page.get_by_role("button", name="Receipt").click()
     page.get_by_role("region", name=re.compile(r"^Receipt 0x")).get_by_text("Who was paid").wait_for()

@@ -2,6 +2,11 @@
 
 import { parseJSON } from "./units.mjs";
 
+let bearer = null;
+
+/** The payer authorization sent with chat requests (chain mode); null for none. */
+export function setBearer(token) { bearer = token; }
+
 export class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
@@ -30,7 +35,7 @@ export async function getOptional(path) {
 export async function streamChat(body, { signal, onDelta, onFirst }) {
   const res = await fetch("/v1/chat/completions", {
     method: "POST", signal,
-    headers: { "content-type": "application/json", accept: "text/event-stream" },
+    headers: { "content-type": "application/json", accept: "text/event-stream", ...(bearer ? { authorization: `Bearer ${bearer}` } : {}) },
     body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }),
   });
   if (!res.ok) await read(res);

@@ -4,12 +4,15 @@ import { getJSON } from "./api.mjs";
 import { ChatView } from "./chat.mjs";
 import { ExplorerView } from "./explorer.mjs";
 import { land, MapView } from "./map.mjs";
+import { restoreAuthorization, WalletView } from "./wallet.mjs";
 
-const VIEWS = { chat: "Chat", explorer: "Explorer", map: "Network map" };
+const VIEWS = { chat: "Chat", explorer: "Explorer", map: "Network map", wallet: "Wallet" };
 const THEME_KEY = "openlora.theme";
 const REFRESH_MS = 10_000;
 // Set by the server: whether it answers GET /v1/nodes (a gateway, or a node on a chain).
 const HAS_MAP = document.querySelector('meta[name="openlora-map"]')?.content === "yes";
+// Set by the server: whether it is a node on a chain (the wallet's routes exist).
+const HAS_WALLET = document.querySelector('meta[name="openlora-wallet"]')?.content === "yes";
 
 function viewFromHash() {
   const v = location.hash.replace(/^#\/?/, "");
@@ -54,7 +57,7 @@ function App() {
   useEffect(() => { document.title = `${VIEWS[view]} · Open Chat`; }, [view]);
 
   const base = models?.find((m) => !m.parent)?.id;
-  const tabs = Object.entries(VIEWS).filter(([k]) => k !== "map" || nodes);
+  const tabs = Object.entries(VIEWS).filter(([k]) => (k !== "map" || nodes) && (k !== "wallet" || HAS_WALLET));
   const nextTheme = theme === "dark" ? "light" : "dark";
   return html`
     <header class="top">
@@ -71,13 +74,16 @@ function App() {
       ${models == null ? html`<p>Connecting…</p>`
         : view === "chat" ? html`<${ChatView} models=${models} baseModel=${base} nodes=${nodes || []} />`
         : view === "explorer" ? html`<${ExplorerView} nodes=${nodes || []} />`
-        : html`<${MapView} nodes=${nodes} landPath=${landPath} />`}
+        : view === "wallet" && HAS_WALLET ? html`<${WalletView} />`
+        : view === "map" && HAS_MAP ? html`<${MapView} nodes=${nodes} landPath=${landPath} />`
+        : html`<p>This server has no ${VIEWS[view]} view.</p>`}
     </main>`;
 }
 
 let saved = null;
 try { saved = localStorage.getItem(THEME_KEY); } catch { /* private mode */ }
 document.documentElement.dataset.theme = saved || (matchMedia("(prefers-color-scheme: dark)").matches ? "dark" : "light");
+if (HAS_WALLET) restoreAuthorization();
 const root = document.getElementById("app");
 root.textContent = ""; // the "Loading" line
 render(html`<${App} />`, root);

@@ -125,7 +125,9 @@ export function ChatView({ models, baseModel, nodes }) {
         onDelta: (piece) => { acc += piece; patch({}); },
       });
     } catch (e) {
-      error = e.name === "AbortError" ? null : e.message;
+      error = e.name === "AbortError" ? null
+        : e.status === 402 ? "This node charges for answers: open the Wallet to deposit OPEN and authorize it."
+        : e.message;
       result = { stopped: e.name === "AbortError" };
     }
     const tEnd = performance.now();
