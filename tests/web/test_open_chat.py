@@ -150,7 +150,8 @@ def test_gateway_page_routes_chat_and_draws_the_map(servers, browser):
 
 
 def test_mixing_two_adapters(servers, browser):
-    """The mix panel sends `adapters` with weights and a merge strategy; the receipt names both."""
+    """The mix panel composes adapters with weights (`adapters`) or merges them (`merge`, a PEFT
+    strategy); the receipt names both adapters either way."""
     w = Watched(browser, servers["node"].url)
     page = w.page
     w.open()
@@ -159,15 +160,18 @@ def test_mixing_two_adapters(servers, browser):
     page.get_by_label("Adapter 2", exact=True).select_option("french")
     page.get_by_label("Weight").nth(0).fill("0.7")
     page.get_by_label("Weight").nth(1).fill("0.3")
-    page.get_by_label("Merge strategy").select_option("linear")
-    send(page, "Hello there")
-    wait_done(page)
-    assert "pirate×0.7 + french×0.3" in last_answer(page).locator(".who").inner_text()
-    page.get_by_role("button", name="Receipt").click()
-    region = page.get_by_role("region", name=re.compile(r"^Receipt 0x"))
-    region.get_by_text("Who was paid").wait_for()
-    text = region.inner_text()
-    assert "pirate (70%, v1)" in text and "french (30%, v1)" in text and "merge linear" in text, text
+    for strategy in ("compose", "linear"):
+        page.get_by_label("Merge strategy").select_option(strategy)
+        send(page, "Hello there")
+        wait_done(page)
+        assert last_answer(page).locator(".error").count() == 0, last_answer(page).inner_text()
+        assert "pirate×0.7 + french×0.3" in last_answer(page).locator(".who").inner_text()
+        last_answer(page).get_by_role("button", name="Receipt").click()
+        region = last_answer(page).get_by_role("region", name=re.compile(r"^Receipt 0x"))
+        region.get_by_text("Who was paid").wait_for()
+        text = region.inner_text()
+        assert "pirate (70%, v1)" in text and "french (30%, v1)" in text, text
+        assert ("merge linear" in text) == (strategy == "linear"), text
     w.close()
 
 

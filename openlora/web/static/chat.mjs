@@ -8,7 +8,9 @@ import { ReceiptView } from "./receipt.mjs";
 import { loadConversations, newConversation, saveConversations } from "./store.mjs";
 import { formatOpen, shortHex } from "./units.mjs";
 
-const MERGE_STRATEGIES = ["cat", "linear", "ties", "dare_linear", "dare_ties", "svd"];
+// "compose" sends the API's `adapters` (exact weighted composition per request); the others send
+// `merge` (a merged adapter, built once and cached by the server; PEFT's strategies).
+const MERGE_STRATEGIES = ["compose", "cat", "linear", "ties", "dare_linear", "dare_ties", "svd"];
 const NEEDS_DENSITY = new Set(["ties", "dare_linear", "dare_ties"]);
 
 function Message({ m, last, busy, onRegenerate, nodes }) {
@@ -42,7 +44,7 @@ function Message({ m, last, busy, onRegenerate, nodes }) {
 function MixPanel({ models, mix, setMix }) {
   const adapters = models.filter((m) => m.parent);
   if (!mix)
-    return html`<button type="button" class="link" onClick=${() => setMix({ items: adapters.slice(0, 2).map((a) => ({ id: a.id, weight: 0.5 })), strategy: "cat" })}
+    return html`<button type="button" class="link" onClick=${() => setMix({ items: adapters.slice(0, 2).map((a) => ({ id: a.id, weight: 0.5 })), strategy: "compose" })}
       disabled=${adapters.length < 2}>Mix adapters…</button>`;
   const set = (i, patch) => setMix({ ...mix, items: mix.items.map((x, j) => (j === i ? { ...x, ...patch } : x)) });
   return html`
@@ -97,8 +99,12 @@ export function ChatView({ models, baseModel, nodes }) {
     const mix = conv.mix;
     const body = { model: conv.model || model, messages: history.map(({ role, content }) => ({ role, content })), max_tokens: 256 };
     if (mix) {
-      body.adapters = mix.items.map(({ id: a, weight }) => ({ id: a, weight }));
-      body.merge = { strategy: mix.strategy, ...(NEEDS_DENSITY.has(mix.strategy) ? { density: 0.5 } : {}) };
+      const items = mix.items.map(({ id: a, weight }) => ({ id: a, weight }));
+      if (mix.strategy === "compose") body.adapters = items;
+      else {
+        body.model = baseModel; // a merge names its adapters itself; `model` is the base
+        body.merge = { adapters: items, strategy: mix.strategy, ...(NEEDS_DENSITY.has(mix.strategy) ? { density: 0.5 } : {}) };
+      }
     }
     const label = mix ? mix.items.map((x) => `${x.id}×${x.weight}`).join(" + ") : body.model;
     const meta = { streaming: true, model: label, at: Date.now() };

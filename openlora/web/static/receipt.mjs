@@ -7,6 +7,15 @@ import { formatOpen, shortHex, sum, units } from "./units.mjs";
 
 const ROLE = { operator: "Node operator", owner: "Adapter owner", data: "Data contributor" };
 
+/** "merge linear" / "merge ties, density 0.5" from the receipt's merge parameters (JSON). */
+function mergeText(m) {
+  if (!m) return "";
+  try {
+    const p = JSON.parse(m);
+    return ` · merge ${p.strategy}${p.density != null ? `, density ${p.density}` : ""}`;
+  } catch { return ` · merge ${m}`; }
+}
+
 export function settlementText(p) {
   if (!p) return "unknown";
   if (p.state === "settled") return `settled in epoch ${p.epoch} (transaction ${shortHex(p.settlement.tx)})`;
@@ -51,7 +60,7 @@ export function ReceiptView({ id, servedBy, nodes }) {
       <dl class="facts">
         <dt>Fee</dt><dd class="fee">${formatOpen(r.fee)} <span class="units">(${units(r.fee).toString()} base units)</span></dd>
         <dt>Tokens</dt><dd>${r.prompt_tokens} prompt (${r.cached_tokens} cached), ${r.completion_tokens} completion</dd>
-        <dt>Model</dt><dd>${r.base_model}${r.adapters.length ? " + " + r.adapters.map((a) => `${a.adapter_id} (${a.weight_ppm / 1e4}%, v${a.version})`).join(", ") : ""}${r.merge ? ` · merge ${r.merge}` : ""}</dd>
+        <dt>Model</dt><dd>${r.base_model}${r.adapters.length ? " + " + r.adapters.map((a) => `${a.adapter_id} (${a.weight_ppm / 1e4}%, v${a.version})`).join(", ") : ""}${mergeText(r.merge)}</dd>
         <dt>Status</dt><dd>${r.status}</dd>
         <dt>Signature</dt><dd class=${sigOk ? "ok" : "bad"}>${sigOk ? `verifies: signed by node ${shortHex(expected)}` : `does NOT verify (recovered ${shortHex(signer || "nothing")}, expected ${shortHex(expected)})`}</dd>
         <dt>Settlement</dt><dd>${settlementText(proof)}</dd>
