@@ -3,11 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup serve test bench demo clean
+.PHONY: setup serve test test-fast bench demo clean
 
 $(VENV)/.installed: requirements-lock.txt pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip "setuptools>=77"
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-lock.txt
 	$(PY) -m pip install -q --no-deps -r requirements-demo.txt
@@ -35,8 +35,12 @@ setup: $(VENV)/.installed $(VENV)/.kernels $(VENV)/.anvil $(VENV)/.chromium
 serve: setup  ## serve the demo model and adapters (or ARGS="--model PATH ...") on 127.0.0.1:8000
 	$(VENV)/bin/openlora serve $(ARGS)
 
-test: setup  ## the whole test suite (what CI runs)
-	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+test: setup  ## lint, then the whole test suite (what CI runs), with the 20 slowest tests listed
+	$(VENV)/bin/ruff check openlora tests bench scripts
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20 $(ARGS)
+
+test-fast: setup  ## the suite without the tests marked slow (real processes, browser, chain, demo model)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not bench" $(ARGS)
 
 bench: setup  ## base-model throughput vs transformers
 	$(PY) bench/throughput.py $(ARGS)

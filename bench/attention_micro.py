@@ -5,8 +5,8 @@ with the gather + SDPA decode path of openlora/model/attention.py as it was when
 (copied below as `gather_sdpa`, the mask prebuilt once per step as the model runner does), for N=32
 sequences at contexts 64 and 512 (all equal) and a mixed batch (random 1..512, the gather path pads every
 row to the longest), fp32 and bf16, with 1 and 2 intra-op threads; plus one prefill chunk of 16 and one of
-128 queries on top of a cached context (prefill entry vs the current gather + masked SDPA branch). The machine may be shared: the load
-average is printed with the results.
+128 queries on top of a cached context (prefill entry vs the current gather + masked SDPA branch). The
+machine may be shared: the load average is printed with the results.
 
     python bench/attention_micro.py [--min-time 0.3] [--threads 1,2] [--dtypes fp32,bf16]
 """

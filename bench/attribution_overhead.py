@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, prompts_32x32, smol_model_dir, write_random_adapter, bench_root  # noqa: E402
+from common import bench_root, emit, prompts_32x32, smol_model_dir, write_random_adapter  # noqa: E402
 
 
 def main() -> None:

@@ -144,7 +144,8 @@ def dense_floor_ms(llm, batch: int, reps: int = 5) -> float:
     m = llm.engine.runner.model
     cfg = llm.config.model
     dt = m.dtype
-    xs = {n: torch.randn(batch, n).to(dt) for n in {cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size}}
+    xs = {n: torch.randn(batch, n).to(dt)
+          for n in {cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size}}
 
     def once() -> None:
         for layer in m.layers:

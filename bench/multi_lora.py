@@ -6,7 +6,8 @@ to PEFT's mixed-batch `generate(..., adapter_names=...)`, and the roofline ratio
 adapters' FLOPs and the distinct adapters' bytes. All measured in the same run; base-only and
 mixed-adapter runs alternate round by round and the ratio is the median of the per-round ratios.
 
-Run: python bench/multi_lora.py [--model random|default|PATH] [--dtypes float32,bfloat16] [--shapes r16_all,r8_qv] [--skip-peft]
+Run: python bench/multi_lora.py [--model random|default|PATH] [--dtypes float32,bfloat16]
+     [--shapes r16_all,r8_qv] [--skip-peft]
 """
 
 from __future__ import annotations
@@ -18,9 +19,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_model_arg, bench_root, decode_roofline_s, emit, hf_wall_and_step_ms,  # noqa: E402
-                    measure_machine, median_ratio, model_counts, paired_runs, prompts_32x32, resolve_model,
-                    time_generate, write_random_adapter)
+from common import (  # noqa: E402
+    add_model_arg,
+    bench_root,
+    decode_roofline_s,
+    emit,
+    hf_wall_and_step_ms,
+    measure_machine,
+    median_ratio,
+    model_counts,
+    paired_runs,
+    prompts_32x32,
+    resolve_model,
+    time_generate,
+    write_random_adapter,
+)
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHAPES = {"r16_all": (16, ALL), "r8_qv": (8, ("q_proj", "v_proj"))}
@@ -93,7 +106,8 @@ def main() -> None:
             roof = decode_roofline_s(lin, total, n, 32 + new // 2, kv_tok, elem, machine,
                                      extra_flops=2 * per_adapter * n,  # each token: its own adapter once
                                      extra_bytes=per_adapter * n * elem)  # each distinct adapter read once
-            res = {"bench": "multi_lora", "model": model_label, "dtype": dname, "adapters": shape, "distinct_adapters": n,
+            res = {"bench": "multi_lora", "model": model_label, "dtype": dname, "adapters": shape,
+                   "distinct_adapters": n,
                    "requests": n, "new_tokens": new, "tokens_per_s": n * new / wall, "decode_step_ms": step,
                    "decode_tokens_per_s": 1e3 * n / step, "base_tokens_per_s": n * new / base_wall,
                    "base_decode_step_ms": base_step, "ratio_vs_own_base": median_ratio(pr["a_wall"], pr["b_wall"]),

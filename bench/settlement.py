@@ -27,8 +27,8 @@ from openlora.chain.authorization import sign_authorization
 from openlora.chain.charges import charge_for
 from openlora.chain.client import Chain
 from openlora.chain.deploy import deploy
-from openlora.chain.settler import MAX_CHARGES
 from openlora.chain.registry_sync import NodeProfile, ensure_node, register_demo_adapters
+from openlora.chain.settler import MAX_CHARGES
 from openlora.demo.manifests import ADAPTERS, manifest_for
 from openlora.outputs import AdapterUsage, UsageEvent
 
@@ -79,7 +79,8 @@ class Bench:
         gas, t0 = 0, time.perf_counter()
         for i in range(0, len(receipts), MAX_CHARGES):
             fn = self.node.c["Settlement"].functions.settle(
-                1, b"\0" * 32, [self.auth.as_tuple()], [charge_for(r, 0).as_tuple() for r in receipts[i:i + MAX_CHARGES]])
+                1, b"\0" * 32, [self.auth.as_tuple()],
+                [charge_for(r, 0).as_tuple() for r in receipts[i:i + MAX_CHARGES]])
             gas += self.node.send(fn)["gasUsed"]
         return gas, time.perf_counter() - t0
 

@@ -140,7 +140,8 @@ def main() -> None:
 
     makers = {"cpp": CppBackend, "torch": TorchBackend}
     backends = {b: makers[b]() for b in args.backends.split(",")}
-    result = {"threads": torch.get_num_threads(), "load_avg_1min_before": os.getloadavg()[0], "batch": BATCH, "adapters": NUM_ADAPTERS, "rank": RANK,
+    result = {"threads": torch.get_num_threads(), "load_avg_1min_before": os.getloadavg()[0], "batch": BATCH,
+              "adapters": NUM_ADAPTERS, "rank": RANK,
               "calls_per_step": SHAPE.num_layers * len(LORA_SITES)}
     with torch.inference_mode():
         for name in args.dtypes.split(","):

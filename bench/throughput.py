@@ -17,9 +17,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_model_arg, cold_chunk_reads_ms, decode_roofline_s, dense_floor_ms, emit,  # noqa: E402
-                    hf_generate_fn, measure_machine, median_ratio, model_counts, paired_runs, prompts_32x32,
-                    resolve_model, step_read_chunks, time_generate, wall_and_step_ms)
+from common import (  # noqa: E402
+    add_model_arg,
+    cold_chunk_reads_ms,
+    decode_roofline_s,
+    dense_floor_ms,
+    emit,
+    hf_generate_fn,
+    measure_machine,
+    median_ratio,
+    model_counts,
+    paired_runs,
+    prompts_32x32,
+    resolve_model,
+    step_read_chunks,
+    time_generate,
+    wall_and_step_ms,
+)
 
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -66,7 +80,8 @@ def main() -> None:
         roof = decode_roofline_s(lin, total, n, 32 + new // 2, kv_tok, elem, machine)
         cold = cold_chunk_reads_ms(step_read_chunks(m, n, 32 + new // 2, elem))
         res = {
-            "bench": "throughput", "model": model_label, "dtype": dname, "requests": n, "prompt_tokens": 32, "new_tokens": new,
+            "bench": "throughput", "model": model_label, "dtype": dname, "requests": n,
+            "prompt_tokens": 32, "new_tokens": new,
             "threads": torch.get_num_threads(), "wall_s": wall, "tokens_per_s": n * new / wall,
             "decode_step_ms": step_ms, "decode_tokens_per_s": 1e3 * n / step_ms, **machine, **roof,
             "roofline_ratio": step_ms / roof["roofline_step_ms"],
@@ -76,7 +91,8 @@ def main() -> None:
         }
         if hf is not None:
             hf_wall = pr["b_wall_median"]
-            res.update({"hf_wall_s": hf_wall, "hf_tokens_per_s": n * new / hf_wall, "hf_decode_step_ms": pr["b_step_median"],
+            res.update({"hf_wall_s": hf_wall, "hf_tokens_per_s": n * new / hf_wall,
+                        "hf_decode_step_ms": pr["b_step_median"],
                         "ratio_vs_hf": median_ratio(pr["b_wall"], pr["a_wall"]),
                         "ratios_vs_hf_per_round": [round(b / a, 3) for a, b in zip(pr["a_wall"], pr["b_wall"])]})
             del hf

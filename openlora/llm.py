@@ -89,7 +89,8 @@ class LLM:
 
     def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 adapters: AdapterSpec | Sequence[AdapterSpec] = None, merge: dict | Sequence[dict | None] | None = None,
+                 adapters: AdapterSpec | Sequence[AdapterSpec] = None,
+                 merge: dict | Sequence[dict | None] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Run all prompts to completion; one RequestOutput per prompt, in order.
 

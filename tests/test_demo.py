@@ -17,6 +17,8 @@ from openlora.attribution.manifest import parse_manifest
 from openlora.demo import ADAPTERS, DEMO_MODEL_ID, DEMO_WHEEL, demo_adapters, ensure_demo_model
 from openlora.demo.manifests import demo_address, demo_key, manifest_for
 
+pytestmark = pytest.mark.slow  # real processes, the demo model, a browser or a chain: not in `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 # fp32. The ladder's tiny models use atol 1e-4. This model has 30 layers and logits up to ~36, and with
 # ~40-token chat prompts the engine and transformers differ by up to 1.4e-4 on base-only rows as much as

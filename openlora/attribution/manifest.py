@@ -170,7 +170,8 @@ def _str(v: Any, path: str) -> str:
 
 def _address(v: Any, path: str) -> str:
     if not isinstance(v, str) or not is_address(v):
-        raise _fail(path, f"must be an EVM address (0x + 40 hex digits, valid EIP-55 checksum if mixed-case), got {v!r}")
+        raise _fail(path, "must be an EVM address (0x + 40 hex digits, valid EIP-55 checksum if mixed-case), "
+                          f"got {v!r}")
     return to_checksum_address(v)
 
 

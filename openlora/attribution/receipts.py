@@ -27,7 +27,8 @@ Fee rule (integers only; prices are per 1,000 tokens in the token's smallest uni
 Receipt hash = the EIP-712 digest `keccak256(0x19 0x01 || domainSeparator || hashStruct(Receipt))`,
 i.e. exactly the 32 bytes the node signs; the receipt id is this hash in hex. Anyone can verify a
 receipt with stock tooling: `Account.recover_message(encode_typed_data(full_message=typed), sig)`
-must give `node` (`eip712.py` computes the same bytes faster; tests check they are identical). The signed struct contains `prevHash` and `seq`, so the chain itself is signed.
+must give `node` (`eip712.py` computes the same bytes faster; tests check they are identical). The
+signed struct contains `prevHash` and `seq`, so the chain itself is signed.
 """
 
 from __future__ import annotations

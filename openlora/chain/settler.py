@@ -23,13 +23,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from web3.logs import DISCARD as _DISCARD
+
 from openlora.attribution.epochs import EpochManager
 from openlora.attribution.ledger import Ledger
 from openlora.chain.anvil import ChainError
 from openlora.chain.authorization import TOKEN_PREFIX, Authorization, parse_token_unchecked
 from openlora.chain.charges import charge_for
 from openlora.chain.client import Chain
-from web3.logs import DISCARD as _DISCARD
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,8 @@ class Settler:
         rows = self.ledger.read_conn().execute(
             "SELECT epoch, tx, first_seq, last_seq, charges, settled, total, skipped, gas FROM chain_settlements "
             "ORDER BY id").fetchall()
-        return [{"epoch": e, "tx": t, "first_seq": f, "last_seq": l, "charges": c, "settled": s, "total": int(tot),
-                 "skipped": json.loads(sk), "gas": g} for e, t, f, l, c, s, tot, sk, g in rows]
+        return [{"epoch": e, "tx": t, "first_seq": f, "last_seq": last, "charges": c, "settled": s, "total": int(tot),
+                 "skipped": json.loads(sk), "gas": g} for e, t, f, last, c, s, tot, sk, g in rows]
 
     # ------------------------------------------------------------------------------ the loop
 

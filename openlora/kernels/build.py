@@ -43,7 +43,8 @@ def cpu_tag() -> str:
     with -march=native, and ninja's build command names torch's and Python's include folders, so two
     environments under one name would rebuild each other's module at every alternate start."""
     where = f"{Path(torch.__file__).parent}|{sys.prefix}|{sys.version}"
-    return hashlib.sha1(f"{torch.__version__}|{where}|{platform.machine()}|{cpu_flags_line()}".encode()).hexdigest()[:10]
+    return hashlib.sha1(
+        f"{torch.__version__}|{where}|{platform.machine()}|{cpu_flags_line()}".encode()).hexdigest()[:10]
 
 
 def module_name(stem: str, source: str, cflags: tuple[str, ...], includes: tuple[str, ...] = ()) -> str:

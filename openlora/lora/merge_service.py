@@ -116,7 +116,8 @@ class MergeService:
             if existing is not None and not existing.unregistered and existing.error is None:
                 self.stats["merge_cache_hits"] += 1
             else:
-                self.manager.register(mid, f"merge of {', '.join(spec.adapters)}", builder=lambda: self._build(spec, mid))
+                self.manager.register(mid, f"merge of {', '.join(spec.adapters)}",
+                                      builder=lambda: self._build(spec, mid))
         return [(mid, 1.0)]
 
     def _build(self, spec: MergeSpec, mid: str):

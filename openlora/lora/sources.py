@@ -290,8 +290,12 @@ def _hub_download(source: AdapterSource, hub_cache: Path, endpoint: str | None, 
     """One snapshot_download call, with huggingface_hub's errors turned into OpenLoRA's."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
-        GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
-        RepositoryNotFoundError, RevisionNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     where = f"hub repo {source.location!r}" + (f" at {endpoint}" if endpoint else "")

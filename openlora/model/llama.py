@@ -29,7 +29,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, idx: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.idx = idx
-        h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+        h, q, kv, i = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+                       cfg.intermediate_size)
         self.q_size, self.kv_size, self.inter = q, kv, i
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
@@ -119,7 +120,8 @@ class LlamaModel(nn.Module):
         self.stack, self._stack_kv = stack, kv_caches
         return True
 
-    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden] (normed)."""
         h = F.embedding(input_ids, self.embed)  # a fresh tensor: safe to update in place
         a, lc = ctx.attn, ctx.lora

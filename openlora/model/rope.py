@@ -29,7 +29,8 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [T, head_dim] for integer positions [T] (computed in fp32, then cast)."""
     freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, d/2]
     emb = torch.cat((freqs, freqs), dim=-1)

@@ -128,7 +128,8 @@ class LeastLoaded(Policy):
 
     def rank(self, nodes, model, prefs=Prefs()):
         cands = soft_filters(eligible(nodes, model), prefs)
-        return sorted(cands, key=lambda n: (n.inflight + n.waiting) / max(1, n.max_num_seqs) + self.rng.uniform(0, 1e-6))
+        return sorted(cands,
+                      key=lambda n: (n.inflight + n.waiting) / max(1, n.max_num_seqs) + self.rng.uniform(0, 1e-6))
 
 
 POLICIES = {p.name: p for p in (Policy, RoundRobin, LeastLoaded)}

@@ -15,13 +15,20 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from openlora.engine.async_engine import AsyncEngine
 from openlora.errors import AdapterNotFound, InvalidRequest, OpenLoRAError
-from openlora.server.errors import error_body, install_error_handlers
 from openlora.server.chain_routes import install_chain_routes
+from openlora.server.errors import error_body, install_error_handlers
 from openlora.server.explorer import install_explorer_routes
 from openlora.server.metrics import Metrics, snapshot
 from openlora.server.node_state import ADAPTER_STATE_HEADER, node_state
-from openlora.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                      CompletionResponse, ModelCard, ModelList, RegisterAdapterRequest)
+from openlora.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    RegisterAdapterRequest,
+)
 from openlora.server.serving import create_chat_completion, create_completion
 from openlora.server.state import ReceiptHook, ServerState
 from openlora.web import mount_web
@@ -137,8 +144,13 @@ def _join(state: ServerState, opts: ServeOptions, adapters: list[tuple[str, str]
     from openlora.attribution.manifest import load_manifest
     from openlora.chain.client import Chain, Deployment
     from openlora.chain.payments import Payments
-    from openlora.chain.registry_sync import (NodeProfile, check_adapter, detect_hardware, ensure_node,
-                                              register_demo_adapters)
+    from openlora.chain.registry_sync import (
+        NodeProfile,
+        check_adapter,
+        detect_hardware,
+        ensure_node,
+        register_demo_adapters,
+    )
     from openlora.chain.settler import Settler
 
     att = state.attribution

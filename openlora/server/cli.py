@@ -78,7 +78,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chain", metavar="DEPLOYMENT", help="deployment file (openlora chain up/deploy): register "
                    "this node on chain, accept payer authorizations, settle receipts")
     p.add_argument("--epoch-seconds", type=float, default=300.0, help="chain mode: close and settle this often")
-    p.add_argument("--region", default="ZZ", help="ISO 3166 country or region code of this node (the registry and the network map)")
+    p.add_argument("--region", default="ZZ",
+                   help="ISO 3166 country or region code of this node (the registry and the network map)")
     p.add_argument("--location", type=_latlon, help="coarse LAT,LON of this node for the network map")
     p.add_argument("--public-url", help="chain mode: the endpoint others reach this node at "
                    "(default http://HOST:PORT)")

@@ -98,7 +98,8 @@ def _epochs(state: ServerState, att: Any, limit: int) -> list[dict[str, Any]]:
     for ep in reversed(att.epochs.epochs()[-limit:]):
         rows.append({"epoch": ep.epoch, "first_seq": ep.first_seq, "last_seq": ep.last_seq,
                      "receipts": ep.last_seq - ep.first_seq + 1, "merkle_root": ep.merkle_root,
-                     "totals": {a: str(v) for a, v in ep.totals.items()},  # base units, as strings (JSON numbers lose digits)
+                     # base units, as strings (JSON numbers lose digits)
+                     "totals": {a: str(v) for a, v in ep.totals.items()},
                      "closed_at_ms": ep.closed_at_ms, "signature": ep.signature,
                      "settlements": [{k: (str(v) if k == "total" else v) for k, v in s.items()}
                                      for s in settlements if s["epoch"] == ep.epoch]})

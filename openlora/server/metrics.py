@@ -25,10 +25,13 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("openlora_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
-        self.e2e = Histogram("openlora_e2e_request_latency_seconds", "End-to-end request latency", buckets=_LAT, registry=r)
+        self.requests = Counter("openlora_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.e2e = Histogram("openlora_e2e_request_latency_seconds", "End-to-end request latency",
+                             buckets=_LAT, registry=r)
         self.ttft = Histogram("openlora_time_to_first_token_seconds", "Time to first token", buckets=_LAT, registry=r)
-        self.itl = Histogram("openlora_inter_token_latency_seconds", "Time between output tokens", buckets=_ITL, registry=r)
+        self.itl = Histogram("openlora_inter_token_latency_seconds", "Time between output tokens",
+                             buckets=_ITL, registry=r)
         self.prompt_tokens = Counter("openlora_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("openlora_generation_tokens", "Tokens generated", registry=r)
         self.adapter_tokens = Counter("openlora_adapter_tokens", "Tokens per adapter", ["adapter", "kind"], registry=r)
@@ -37,12 +40,17 @@ class Metrics:
         self.waiting = Gauge("openlora_waiting_requests", "Waiting sequences per adapter", ["adapter"], registry=r)
         self.num_running = Gauge("openlora_num_running", "Running sequences (all adapters)", registry=r)
         self.num_waiting = Gauge("openlora_num_waiting", "Waiting sequences (all adapters)", registry=r)
-        self.adapters_by_state = Gauge("openlora_adapters", "Registered adapters per residency state", ["state"], registry=r)
-        self.adapter_state = Gauge("openlora_adapter_state", "1 for the adapter's current state", ["adapter", "state"], registry=r)
-        self.adapter_load = Gauge("openlora_adapter_load_seconds", "Last load time per adapter", ["adapter"], registry=r)
-        self.adapter_loads = Gauge("openlora_adapter_loads", "Adapter loads/evictions/failures so far", ["event"], registry=r)
+        self.adapters_by_state = Gauge("openlora_adapters", "Registered adapters per residency state",
+                                       ["state"], registry=r)
+        self.adapter_state = Gauge("openlora_adapter_state", "1 for the adapter's current state",
+                                   ["adapter", "state"], registry=r)
+        self.adapter_load = Gauge("openlora_adapter_load_seconds", "Last load time per adapter",
+                                  ["adapter"], registry=r)
+        self.adapter_loads = Gauge("openlora_adapter_loads", "Adapter loads/evictions/failures so far",
+                                   ["event"], registry=r)
         self.receipts = Counter("openlora_receipts", "Attribution receipts per adapter", ["adapter"], registry=r)
-        self.fees = Counter("openlora_fees", "Fees charged per adapter (token's smallest unit)", ["adapter"], registry=r)
+        self.fees = Counter("openlora_fees", "Fees charged per adapter (token's smallest unit)",
+                            ["adapter"], registry=r)
         self.engine_errors = Gauge("openlora_engine_step_errors", "Engine step failures so far", registry=r)
         # The same numbers under vLLM's names, so routers built for vLLM (GAIE/llm-d, production-stack)
         # read them unchanged.

@@ -208,4 +208,5 @@ class RegisterAdapterRequest(_Wire):
     id: str = Field(min_length=1, max_length=256)
     source: str = Field(min_length=1, description="A local folder, a hub repo id (optionally @revision) or s3:// URI.")
     pinned: bool = False
-    manifest: dict[str, Any] | None = Field(None, description="Attribution manifest (else attribution.json beside the files).")
+    manifest: dict[str, Any] | None = Field(
+        None, description="Attribution manifest (else attribution.json beside the files).")

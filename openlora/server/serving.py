@@ -19,8 +19,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from openlora.errors import InvalidRequest, OpenLoRAError
 from openlora.engine.tokenizer import apply_chat_template
+from openlora.errors import InvalidRequest, OpenLoRAError
 from openlora.outputs import CompletionOutput, RequestOutput
 from openlora.sampling_params import SamplingParams
 from openlora.server.errors import from_exception, log
@@ -56,7 +56,8 @@ def _adapters(st: ServerState, body: CompletionRequest | ChatCompletionRequest):
     return body.model, [body.model]
 
 
-def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
+            logprobs: int | None) -> SamplingParams:
     if body.logit_bias:
         raise InvalidRequest("logit_bias is not supported")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -287,7 +288,8 @@ async def create_completion(body: CompletionRequest, raw: Request, st: ServerSta
             o = run.latest[rid]
             for c in o.outputs:
                 choices.append({"finish_reason": c.finish_reason, "index": index(rid, c.index),
-                                "logprobs": _completion_logprobs(st, o, c, 0, len(echo_text(o))) if body.logprobs is not None else None,
+                                "logprobs": (_completion_logprobs(st, o, c, 0, len(echo_text(o)))
+                                             if body.logprobs is not None else None),
                                 "text": echo_text(o) + c.text})
         cached = sum(o.num_cached_tokens for o in run.latest.values())
         return JSONResponse({"id": run.base_id, "object": "text_completion", "created": created, "model": body.model,
@@ -342,7 +344,7 @@ def _completion_logprobs(st: ServerState, o: RequestOutput, c: CompletionOutput,
         toks.append(s)
         chosen = pl.get(tid)
         lps.append(chosen.logprob if chosen else None)
-        tops.append({_piece(st, ctx, t): l.logprob for t, l in pl.items()})
+        tops.append({_piece(st, ctx, t): lp.logprob for t, lp in pl.items()})
         offs.append(pos)
         pos += len(s)
     return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
@@ -439,7 +441,8 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, st: 
             text = c.text[chars:]
             if text or (body.logprobs and len(c.token_ids) > nlp):
                 lp = {"content": _chat_logprobs(st, o, c, nlp, top)} if body.logprobs else None
-                out.append(chunk([{"index": c.index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}]))
+                out.append(chunk([{"index": c.index, "delta": {"content": text}, "logprobs": lp,
+                                   "finish_reason": None}]))
             sent[c.index] = (len(c.text), len(c.logprobs or ()))
             if c.finish_reason is not None:
                 out.append(chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}]))
@@ -465,6 +468,7 @@ def _chat_logprobs(st: ServerState, o: RequestOutput, c: CompletionOutput, start
         alts = sorted(pl.items(), key=lambda kv: kv[1].rank)[:top] if top else []
         res.append({"token": s, "logprob": chosen.logprob if chosen else -9999.0,
                     "bytes": list(s.encode()),
-                    "top_logprobs": [{"token": (t := _piece(st, ctx, i)), "logprob": l.logprob, "bytes": list(t.encode())}
-                                     for i, l in alts]})
+                    "top_logprobs": [{"token": (t := _piece(st, ctx, i)), "logprob": lp.logprob,
+                                      "bytes": list(t.encode())}
+                                     for i, lp in alts]})
     return res

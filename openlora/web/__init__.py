@@ -38,7 +38,8 @@ def mount_web(app: FastAPI, network_map: bool, wallet: bool = False) -> None:
     chain). The page learns both from meta tags, so it never probes a route that is not there."""
     page = (STATIC / "index.html").read_text(encoding="utf-8")
     for name, on in (("openlora-map", network_map), ("openlora-wallet", wallet)):
-        page = page.replace(f'<meta name="{name}" content="no">', f'<meta name="{name}" content="{"yes" if on else "no"}">')
+        page = page.replace(f'<meta name="{name}" content="no">',
+                            f'<meta name="{name}" content="{"yes" if on else "no"}">')
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:

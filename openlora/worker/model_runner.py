@@ -64,7 +64,8 @@ class ModelRunner:
         m, bs = config.model, config.cache.block_size
         self.block_size = bs
         # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
-        self.kv = torch.zeros(m.num_layers, 2, num_blocks, bs, m.num_kv_heads, m.head_dim, dtype=self.dtype, device=self.device)
+        self.kv = torch.zeros(m.num_layers, 2, num_blocks, bs, m.num_kv_heads, m.head_dim,
+                              dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(m.num_layers)]
         log.info("decoder layers: %s", "C++ loop for row-wise steps" if self.model.bind_kv_cache(self.kv_caches)
                  else "Python loop")
@@ -76,7 +77,8 @@ class ModelRunner:
         self.lora = lora  # openlora.lora.manager.LoRAManager or None
         # Tests set this to a list to receive (request_id, fp32 logits [vocab]) of every sampled row.
         self.capture_logits: list[tuple[str, torch.Tensor]] | None = None
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs, self.kv.numel() * self.kv.element_size() / 2**20)
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs,
+                 self.kv.numel() * self.kv.element_size() / 2**20)
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (the request finished)."""
@@ -179,7 +181,8 @@ class ModelRunner:
         if sample_seqs:
             logits = self.model.logits(hidden[rows], fp32=False)  # [B, vocab] in the model dtype
             if self.capture_logits is not None:
-                self.capture_logits.extend((s.request.request_id, row.to(torch.float32, copy=True)) for s, row in zip(sample_seqs, logits))
+                self.capture_logits.extend((s.request.request_id, row.to(torch.float32, copy=True))
+                                           for s, row in zip(sample_seqs, logits))
             srows = [SamplingRow(s.request.sampling_params, s.request.prompt_token_ids, s.request.output_token_ids,
                                  self._generator(s.request), s.request.eos_token_ids) for s in sample_seqs]
             so = self.sampler(logits, srows)
@@ -191,5 +194,6 @@ class ModelRunner:
             req = s.request
             lg = self.model.logits(hidden[q0:q0 + cnt])
             targets = req.prompt_token_ids[s.start + 1:s.start + 1 + cnt]
-            res.prompt_logprobs[req.request_id] = compute_prompt_logprobs(lg, targets, req.sampling_params.prompt_logprobs)
+            res.prompt_logprobs[req.request_id] = compute_prompt_logprobs(lg, targets,
+                                                                          req.sampling_params.prompt_logprobs)
         return res

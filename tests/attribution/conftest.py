@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-
 from attr_helpers import BASE, manifest_dict
+
 from openlora.attribution import AttributionService, DefaultPolicy, NodeIdentity
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from attr_helpers import event
 
 from openlora.attribution.epochs import merkle_proof, merkle_root, verify_proof
 from openlora.errors import InvalidRequest
-
-from attr_helpers import event
 
 
 def _hashes(n: int) -> list[str]:

@@ -8,11 +8,10 @@ import json
 import sqlite3
 
 import pytest
+from attr_helpers import ADDRS, event, manifest_dict
 
 from openlora.attribution.ledger import Ledger, LedgerError
 from openlora.attribution.receipts import ZERO_HASH
-
-from attr_helpers import ADDRS, event, manifest_dict
 
 
 @pytest.fixture

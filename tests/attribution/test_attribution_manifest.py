@@ -7,12 +7,11 @@ import os
 import stat
 
 import pytest
+from attr_helpers import C1, C2, OWNER, PAYER, manifest_dict
 
 from openlora.attribution.identity import NodeIdentity
 from openlora.attribution.manifest import AccessPolicy, load_manifest, parse_manifest
 from openlora.errors import InvalidRequest
-
-from attr_helpers import C1, C2, OWNER, PAYER, manifest_dict
 
 
 def _with(path: list, value):

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from attr_helpers import PAYER, event
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from openlora.attribution.receipts import Receipt, verify_receipt
-
-from attr_helpers import PAYER, event
 
 
 def test_signature_recovers_node_address(make_service, identity):
@@ -55,10 +54,10 @@ def test_receipt_has_no_text_and_round_trips(make_service):
 )
 def test_fast_encoder_matches_eth_account(identity, tmp_path_factory, n_adapters, prompt, completion,
                                           request_id, chain_id):
+    from attr_helpers import manifest_dict
+
     from openlora.attribution.manifest import DefaultPolicy, parse_manifest
     from openlora.attribution.receipts import ZERO_HASH, build_receipt
-
-    from attr_helpers import manifest_dict
 
     m = parse_manifest(manifest_dict())
     ev = event(adapters=[(f"ad{i}", 0.5 + i) for i in range(n_adapters)], prompt=prompt,

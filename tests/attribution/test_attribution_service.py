@@ -7,12 +7,11 @@ import sqlite3
 import threading
 
 import pytest
+from attr_helpers import C2, PAYER, event, manifest_dict
 
 from openlora.attribution.cli import add_ledger_commands, main
 from openlora.attribution.service import ReceiptNotFound
 from openlora.errors import AccessDenied, InvalidRequest
-
-from attr_helpers import C2, PAYER, event, manifest_dict
 
 
 def test_access_control(make_service, tmp_path):

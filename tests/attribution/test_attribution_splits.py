@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from attr_helpers import ADDRS, OWNER, event, manifest_dict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,8 +11,6 @@ from openlora.attribution.manifest import parse_manifest
 from openlora.attribution.receipts import compute_fee_lines
 from openlora.attribution.splits import PPM, split_bps, split_exact, weights_to_ppm
 from openlora.errors import InvalidRequest
-
-from attr_helpers import ADDRS, OWNER, event, manifest_dict
 
 fees = st.integers(min_value=0, max_value=10**30)
 weight_lists = st.lists(st.integers(min_value=0, max_value=10**9), min_size=1, max_size=30).filter(

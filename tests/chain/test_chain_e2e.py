@@ -33,6 +33,8 @@ from openlora.chain.cli import faucet  # noqa: E402
 from openlora.chain.client import Chain, Deployment  # noqa: E402
 from openlora.demo.manifests import demo_key  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real processes, the demo model, a browser or a chain: not in `make test-fast`
+
 ADMIN = "admin-secret"
 Q = [{"role": "user", "content": "Say hello."}]
 CLI = [sys.executable, "-m", "openlora.cli"]

@@ -11,6 +11,30 @@ from typing import Any
 
 import boa
 import pytest
+from boa_system import (
+    ACCESS,
+    CAP,
+    ESCROW,
+    EXPIRED,
+    MIN_STAKE,
+    SETTLEMENT_WINDOW,
+    UNBONDING_DELAY,
+    WITHDRAWAL_DELAY,
+    System,
+    authorize,
+    charge,
+    consent,
+    deploy,
+    fund,
+    node_info,
+    now,
+    register_manifest,
+    register_node,
+    reverts_raw,
+    settle,
+    skipped,
+    totals_by_recipient,
+)
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from hypothesis import given, settings
@@ -21,12 +45,6 @@ from openlora.attribution.manifest import DefaultPolicy, Manifest, parse_manifes
 from openlora.attribution.receipts import ZERO_HASH, Receipt, build_receipt, compute_fee_lines
 from openlora.chain.charges import charge_for
 from openlora.outputs import AdapterUsage, UsageEvent
-
-from boa_system import (
-    ACCESS, CAP, ESCROW, EXPIRED, MIN_STAKE, SETTLEMENT_WINDOW, UNBONDING_DELAY,
-    WITHDRAWAL_DELAY, System, authorize, charge, consent, deploy, fund, node_info, now,
-    register_manifest, register_node, reverts_raw, settle, skipped, totals_by_recipient,
-)
 
 BASE = "tiny-llama"
 NODE_PP, NODE_PC = 1234, 5678  # the node's base-model prices per 1k tokens

@@ -21,6 +21,8 @@ from openlora.chain.settler import Settler
 from openlora.errors import AccessDenied, InvalidRequest
 from openlora.outputs import AdapterUsage, UsageEvent
 
+pytestmark = pytest.mark.slow  # real processes, the demo model, a browser or a chain: not in `make test-fast`
+
 OWNER = Account.create()
 CONTRIB = Account.create()
 

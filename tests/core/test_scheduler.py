@@ -16,7 +16,8 @@ BS = 4
 
 def make(num_blocks=64, max_seqs=8, budget=32, max_len=256, caching=True):
     kv = KVCacheManager(num_blocks, BS, caching)
-    return Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=max_len), kv), kv
+    return Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                                     max_model_len=max_len), kv), kv
 
 
 def req(rid, n_prompt, max_tokens=8, tokens=None, adapters=(), tenant=""):

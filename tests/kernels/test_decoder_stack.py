@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import ARCHS
 
 from openlora import LLM, SamplingParams
 from openlora.kernels import decoder
 from openlora.model.linear import linear_backend
 from openlora.worker import model_runner
-from tiny_models import ARCHS
 
 
 def _loop_runs_here(dtype: torch.dtype) -> bool:

@@ -17,7 +17,8 @@ import torch
 
 from openlora.kernels.gemm import AMX, BF16, F32, PackedGemm
 
-KERNELS = [pytest.param(k, id=f"{k.stem}-{str(k.dtype)[6:]}", marks=pytest.mark.skipif(not k.available(), reason=f"{k.label} unavailable here"))
+KERNELS = [pytest.param(k, id=f"{k.stem}-{str(k.dtype)[6:]}",
+                        marks=pytest.mark.skipif(not k.available(), reason=f"{k.label} unavailable here"))
            for k in (AMX, F32, BF16)]
 MS = [1, 5, 12, 13, 16, 17, 32, 33, 49, 300]
 NKS = [(7, 40), (48, 64), (960, 576), (576, 1536), (100, 1000), (40, 70), (50, 77)]

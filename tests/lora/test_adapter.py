@@ -15,7 +15,6 @@ from openlora.config import LORA_SITES, ModelShape
 from openlora.errors import AdapterLoadError, UnsupportedAdapter
 from openlora.lora.adapter import LoRAAdapter, LoRAModule, infer_shape, load_peft_adapter, save_peft_adapter
 
-
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 

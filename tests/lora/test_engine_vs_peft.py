@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import load_hf
 
 from openlora import LLM, SamplingParams
-from tiny_models import load_hf
 
 ATOL = 1e-4
 
@@ -67,7 +67,8 @@ def peft_logits(model_path: Path, adapter: Path | None, ids: list[int]) -> torch
 def run_engine(llm: LLM, prompts, adapters, max_tokens=6):
     cap: list = []
     llm.engine.runner.capture_logits = cap
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), adapters=adapters)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                        adapters=adapters)
     llm.engine.runner.capture_logits = None
     first = int(outs[0].request_id.split("-")[1])
     rows: dict[int, list] = {}
@@ -79,7 +80,8 @@ def run_engine(llm: LLM, prompts, adapters, max_tokens=6):
 def test_mixed_batch_matches_peft_per_adapter(setup):
     path, adapters = setup
     llm = LLM(str(path), dtype="float32", block_size=4, num_kv_blocks=256, max_loras=16,
-              max_num_batched_tokens=64, enable_prefix_caching=False)  # budget 64 < total prompt tokens: chunked prefill in the mix
+              # budget 64 < total prompt tokens: chunked prefill in the mix
+              max_num_batched_tokens=64, enable_prefix_caching=False)
     for name, p in adapters.items():
         llm.register_adapter(name, str(p))
     names = list(adapters)
@@ -119,7 +121,8 @@ def test_weighted_composition_equals_peft_cat(setup):
     toks = outs[0].outputs[0].token_ids
     with torch.no_grad():
         ref = m(torch.tensor([prompt + toks])).logits[0]
-    torch.testing.assert_close(torch.stack(rows[0]), ref[len(prompt) - 1: len(prompt) - 1 + len(toks)], atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.stack(rows[0]), ref[len(prompt) - 1: len(prompt) - 1 + len(toks)],
+                               atol=ATOL, rtol=0)
 
 
 def test_malformed_adapters_fail_alone(setup, tmp_path):

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from tiny_models import load_hf
 
 from openlora import LLM, SamplingParams
 from openlora.errors import AdapterNotFound, InvalidRequest
-from tiny_models import load_hf
 
 ATOL = 1e-4  # the engine-vs-transformers tolerance; merged A/B themselves match PEFT to 1e-5 (test_merge.py)
 PROMPT = [5, 17, 33, 2, 90, 11, 64]

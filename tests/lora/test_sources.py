@@ -17,7 +17,14 @@ from safetensors.numpy import save
 
 from openlora.errors import AdapterLoadError, AdapterNotFound, InvalidRequest
 from openlora.lora.sources import (
-    ADAPTER_FILES, S3_MANIFEST, AdapterSource, describe, fetch, files_hash, parse_source, scan_adapter_dir,
+    ADAPTER_FILES,
+    S3_MANIFEST,
+    AdapterSource,
+    describe,
+    fetch,
+    files_hash,
+    parse_source,
+    scan_adapter_dir,
 )
 
 try:  # tests/ may or may not become a package

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from test_many_adapters import write_random_adapter
+from test_sources import free_port, moto_url, s3, upload  # noqa: F401  (fixtures)
 
 import openlora.lora.manager as manager_mod
 from openlora import LLM, SamplingParams
 from openlora.config import ModelConfig
 from openlora.errors import AdapterNotFound
-from test_many_adapters import write_random_adapter
-from test_sources import free_port, moto_url, s3, upload  # noqa: F401  (fixtures)
 
 
 def greedy(n: int) -> SamplingParams:

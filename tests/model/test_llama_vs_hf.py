@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import ARCHS, load_hf
 
 from openlora import LLM, SamplingParams
-from tiny_models import ARCHS, load_hf
 
 ATOL = 1e-4  # fp32: same math, different kernels (fused qkv, paged attention, SDPA)
 

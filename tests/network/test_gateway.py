@@ -22,6 +22,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 from helpers import Gateway, ServerProcess, make_peft_adapter  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real processes, the demo model, a browser or a chain: not in `make test-fast`
+
 NODE_OPTS = ["--max-num-seqs", "8", "--kv-cache-memory", "16MiB", "--max-loras", "2", "--max-model-len", "256"]
 
 

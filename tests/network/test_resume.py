@@ -48,7 +48,8 @@ def test_resume_bodies():
     for req, chat_, text, n in (({**comp, "n": 2}, False, "a", 1), ({**comp, "echo": True}, False, "a", 1),
                                 ({**comp, "logprobs": 2}, False, "a", 1), ({**chat, "logprobs": True}, True, "a", 1),
                                 ({**chat, "response_format": {"type": "json_object"}}, True, "{", 1),
-                                ({**comp, "prompt": [1, 2]}, False, "a", 1), ({**comp, "prompt": ["a", "b"]}, False, "a", 1),
+                                ({**comp, "prompt": [1, 2]}, False, "a", 1),
+                                ({**comp, "prompt": ["a", "b"]}, False, "a", 1),
                                 (comp, False, "", 0), (comp, False, "a" * 10, 10)):
         assert resume_body(req, chat_, text, n) is None, req
     assert resume_body({**chat, "response_format": {"type": "text"}}, True, "a", 1) is not None

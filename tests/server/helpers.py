@@ -99,7 +99,8 @@ class ServerProcess:
             stdout=self._log, stderr=subprocess.STDOUT, env=e, cwd=ROOT)
         if not wait_healthy(self.url, self.proc, timeout):
             self.stop()
-            raise RuntimeError(f"server did not come up in {timeout}s (exit code {self.proc.returncode}):\n{self.log()}")
+            raise RuntimeError(f"server did not come up in {timeout}s (exit code {self.proc.returncode}):\n"
+                               f"{self.log()}")
 
     def log(self) -> str:
         if not self._log.closed:

@@ -13,6 +13,8 @@ from helpers import ServerProcess
 
 from openlora.demo import ADAPTERS, DEMO_MODEL_ID
 
+pytestmark = pytest.mark.slow  # real processes, the demo model, a browser or a chain: not in `make test-fast`
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

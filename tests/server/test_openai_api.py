@@ -61,7 +61,8 @@ def test_sync_completions_match_offline(client, offline, model):
     assert all(c.finish_reason == "length" for c in got)
     assert r.usage.completion_tokens == 36
     ids = offline.tokenizer.encode(PROMPTS[0])
-    r2 = client.completions.create(model=model, prompt=ids, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    r2 = client.completions.create(model=model, prompt=ids, max_tokens=12, temperature=0,
+                                   extra_body={"ignore_eos": True})
     assert r2.choices[0].text == want[0][0]
 
 

@@ -24,6 +24,8 @@ from pages import Watched, last_answer, send, wait_done  # noqa: E402
 
 from openlora.web import CSP  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real processes, the demo model, a browser or a chain: not in `make test-fast`
+
 ADMIN = "web-test-admin"
 
 
@@ -236,7 +238,8 @@ def test_mobile_width(servers, browser):
 
     def fits(name: str) -> None:
         overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
-        wide = page.evaluate("""() => [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right
+        wide = page.evaluate(
+            """() => [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right
             > document.documentElement.clientWidth + 1).slice(0, 5).map(e => e.tagName + '.' + e.className)""")
         assert overflow <= 0, (name, overflow, wide)
         w.shot(name, "mobile")

@@ -24,6 +24,8 @@ from pages import Watched, send, wait_done  # noqa: E402
 from openlora.chain.anvil import free_port  # noqa: E402
 from openlora.chain.client import Chain, Deployment  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real processes, the demo model, a browser or a chain: not in `make test-fast`
+
 ADMIN = "wallet-test-admin"
 CLI = [sys.executable, "-m", "openlora.cli"]
 

@@ -1,0 +1,26 @@
+"""The layering DESIGN.md draws, checked in fresh interpreters: the torch-free layers load no torch,
+and the engine loads none of the layers that consume its events."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _loaded(imports: str, names: tuple[str, ...]) -> list[str]:
+    code = f"import sys\nimport {imports}\nprint(','.join(n for n in {names!r} if n in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [n for n in out.stdout.strip().split(",") if n]
+
+
+@pytest.mark.parametrize("module", ["openlora.core", "openlora.attribution"])
+def test_torch_free_layers_load_no_torch(module):
+    assert _loaded(module, ("torch",)) == []
+
+
+def test_the_engine_loads_no_consumer_of_its_events():
+    consumers = ("openlora.attribution", "openlora.server", "openlora.chain", "openlora.network", "openlora.web")
+    assert _loaded("openlora.engine.llm_engine, openlora.engine.async_engine", consumers) == []
