@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from openlora.request import AdapterUse  # one type for an adapter's part, in requests and in usage events
+
 
 @dataclass
 class Logprob:
@@ -51,15 +53,6 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
-class AdapterUsage:
-    """One adapter's part in a request: id, content hash and composition weight."""
-
-    adapter_id: str
-    content_hash: str
-    weight: float
-
-
-@dataclass(frozen=True)
 class UsageEvent:
     """Emitted once per finished, failed or aborted request. Holds counts and identities only:
     never prompt or output text. The attribution layer turns it into a receipt."""
@@ -68,7 +61,7 @@ class UsageEvent:
     tenant: str
     base_model: str
     base_model_hash: str
-    adapters: tuple[AdapterUsage, ...]
+    adapters: tuple[AdapterUse, ...]
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int

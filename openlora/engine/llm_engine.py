@@ -17,8 +17,8 @@ from openlora.engine.detokenizer import IncrementalDetokenizer
 from openlora.engine.tokenizer import load_tokenizer
 from openlora.errors import InvalidRequest, OpenLoRAError, RequestTooLong
 from openlora.lora.merge_service import MergeService, MergeSpec
-from openlora.outputs import AdapterUsage, CompletionOutput, RequestOutput, UsageEvent
-from openlora.request import Request, RequestStatus
+from openlora.outputs import CompletionOutput, RequestOutput, UsageEvent
+from openlora.request import AdapterUse, Request, RequestStatus
 from openlora.sampling_params import SamplingParams
 from openlora.worker.model_runner import ModelRunner, num_kv_blocks
 
@@ -251,14 +251,14 @@ class LLMEngine:
                 log.exception("usage listener failed for %s", g.request_id)
 
 
-    def _usage_adapters(self, g: _Group, first: Request) -> tuple[AdapterUsage, ...]:
+    def _usage_adapters(self, g: _Group, first: Request) -> tuple[AdapterUse, ...]:
         """Every source adapter: a merged request lists the merge's sources, not the merged copy."""
         if g.sources is None:
-            return tuple(AdapterUsage(a.adapter_id, a.content_hash, a.weight) for a in first.adapters)
+            return first.adapters
         out = []
         for aid, w in g.sources:
             e = self.lora.entries.get(aid)
-            out.append(AdapterUsage(aid, e.content_hash if e is not None else "", w))
+            out.append(AdapterUse(aid, e.content_hash if e is not None else "", w))
         return tuple(out)
 
 

@@ -37,7 +37,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     T, H, d = q.shape
     kvh = k.shape[1]
     out = torch.empty(T, H, d, dtype=q.dtype, device=q.device)
-    nd = meta.num_decode
+    nd = meta.num_rowwise
     if nd and meta.fused_decode:
         # C++ flash-decoding over the block table: no gathered copy of K/V.
         attention_cpu.paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_table,

@@ -126,7 +126,7 @@ class LlamaModel(nn.Module):
         h = F.embedding(input_ids, self.embed)  # a fresh tensor: safe to update in place
         a, lc = ctx.attn, ctx.lora
         if (self.stack is not None and kv_caches is self._stack_kv and not a.prefills and a.fused_decode
-                and 0 < a.num_decode == h.shape[0] and (lc is None or lc.backend.name == "cpp")):
+                and 0 < a.num_rowwise == h.shape[0] and (lc is None or lc.backend.name == "cpp")):
             # Every row attends through the paged kernel: all layers in one C++ call (same kernels, same result).
             args = (h, ctx.cos, ctx.sin, a.slot_mapping, a.decode_block_table, a.decode_seq_lens)
             if lc is None or lc.batch.empty:

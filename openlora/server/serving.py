@@ -160,6 +160,10 @@ class _Run:
         m.e2e.observe(time.perf_counter() - self.t0)
         return prompt, completion
 
+    def cached(self) -> int:
+        """Prompt tokens served from the prefix cache, over every request of the run."""
+        return sum(o.num_cached_tokens for o in self.latest.values())
+
     async def attribution(self) -> dict | list | None:
         if not self.st.receipts:
             return None
@@ -291,9 +295,8 @@ async def create_completion(body: CompletionRequest, raw: Request, st: ServerSta
                                 "logprobs": (_completion_logprobs(st, o, c, 0, len(echo_text(o)))
                                              if body.logprobs is not None else None),
                                 "text": echo_text(o) + c.text})
-        cached = sum(o.num_cached_tokens for o in run.latest.values())
         return JSONResponse({"id": run.base_id, "object": "text_completion", "created": created, "model": body.model,
-                             "choices": choices, "system_fingerprint": None, "usage": _usage(pt, ct, cached),
+                             "choices": choices, "system_fingerprint": None, "usage": _usage(pt, ct, run.cached()),
                              "attribution": await run.attribution()})
 
     first = await _first_output(run, raw)
@@ -327,7 +330,7 @@ async def create_completion(body: CompletionRequest, raw: Request, st: ServerSta
         att = await run.attribution()
         last = []
         if include_usage:
-            last.append({**chunk([]), "usage": _usage(pt, ct), "attribution": att})
+            last.append({**chunk([]), "usage": _usage(pt, ct, run.cached()), "attribution": att})
         elif att is not None:
             last.append({**chunk([]), "attribution": att})
         return last
@@ -416,7 +419,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, st: 
                     "message": {"content": c.text, "refusal": None, "role": "assistant"}} for c in o.outputs]
         return JSONResponse({"id": run.base_id, "object": "chat.completion", "created": created, "model": body.model,
                              "choices": choices, "system_fingerprint": None,
-                             "usage": _usage(pt, ct, o.num_cached_tokens), "attribution": await run.attribution()})
+                             "usage": _usage(pt, ct, run.cached()), "attribution": await run.attribution()})
 
     first = await _first_output(run, raw)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -453,7 +456,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, st: 
         pt, ct = run.observe(names)
         att = await run.attribution()
         if include_usage:
-            return [{**chunk([]), "usage": _usage(pt, ct), "attribution": att}]
+            return [{**chunk([]), "usage": _usage(pt, ct, run.cached()), "attribution": att}]
         return [{**chunk([]), "attribution": att}] if att is not None else []
 
     return _SSEResponse(_stream(run, first, emit, tail), run.close)

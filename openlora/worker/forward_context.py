@@ -25,16 +25,16 @@ class AttentionMetadata:
     """Where each token's K/V goes and what each query attends to.
 
     The runner orders the flattened batch with the row-wise sequences first, then the others, so
-    row-wise rows are [0, num_decode). Row-wise: single-token (decode) sequences and, with the C++ paged
+    row-wise rows are [0, num_rowwise). Row-wise: single-token (decode) sequences and, with the C++ paged
     kernel, short prompt chunks (each query row attends by itself, as a decode row would; see
     model_runner.FUSED_PREFILL_MAX_TOKENS); `prefills` holds the other multi-token chunks."""
 
     slot_mapping: torch.Tensor  # int64 [T]: block_id * block_size + offset of each new token
-    num_decode: int  # row-wise query rows
-    decode_block_table: torch.Tensor | None  # int64 [num_decode, max_blocks]: each row's blocks (padded with 0)
-    decode_mask: torch.Tensor | None  # bool [num_decode, 1, 1, max_blocks * block_size] (SDPA path)
+    num_rowwise: int  # row-wise query rows
+    decode_block_table: torch.Tensor | None  # int64 [num_rowwise, max_blocks]: each row's blocks (padded with 0)
+    decode_mask: torch.Tensor | None  # bool [num_rowwise, 1, 1, max_blocks * block_size] (SDPA path)
     prefills: list[PrefillSeq] = field(default_factory=list)
-    decode_seq_lens: torch.Tensor | None = None  # int64 [num_decode]: row i sees keys [0, len) (position + 1)
+    decode_seq_lens: torch.Tensor | None = None  # int64 [num_rowwise]: row i sees keys [0, len) (position + 1)
     window: int | None = None  # sliding window (keys > position - window); None = full causal
     fused_decode: bool = False  # decode rows use the C++ paged kernel (reads K/V in place)
 

@@ -152,7 +152,7 @@ class ModelRunner:
         cos, sin = rope_cos_sin(self.model.inv_freq, positions, self.dtype)
         attn = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decode=nd, decode_block_table=table, decode_mask=mask, prefills=prefills,
+            num_rowwise=nd, decode_block_table=table, decode_mask=mask, prefills=prefills,
             decode_seq_lens=lens, window=window, fused_decode=self.fused_decode,
         )
         lora_ctx = None

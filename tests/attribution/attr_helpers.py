@@ -8,7 +8,8 @@ import itertools
 
 from eth_account import Account
 
-from openlora.outputs import AdapterUsage, UsageEvent
+from openlora.outputs import UsageEvent
+from openlora.request import AdapterUse
 
 # Fixed, valid checksummed addresses (deterministic keys so failures are reproducible).
 ADDRS = [Account.from_key(bytes([i + 1]) * 32).address for i in range(8)]
@@ -46,7 +47,7 @@ def event(adapters=(("ad1", 1.0),), prompt=123, cached=10, completion=77, status
     return UsageEvent(
         request_id=request_id or f"req-{next(_ids)}", tenant=tenant, base_model=BASE,
         base_model_hash="0xbasehash",
-        adapters=tuple(AdapterUsage(a, f"sha256:{a}", w) for a, w in adapters),
+        adapters=tuple(AdapterUse(a, f"sha256:{a}", w) for a, w in adapters),
         prompt_tokens=prompt, cached_tokens=cached, completion_tokens=completion, status=status,
         finish_reason="stop" if status == "finished" else "abort", finish_time=1_700_000_000.5,
     )

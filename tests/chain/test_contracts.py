@@ -44,7 +44,8 @@ from openlora.attribution.ids import name_id_bytes
 from openlora.attribution.manifest import DefaultPolicy, Manifest, parse_manifest
 from openlora.attribution.receipts import ZERO_HASH, Receipt, build_receipt, compute_fee_lines
 from openlora.chain.charges import charge_for
-from openlora.outputs import AdapterUsage, UsageEvent
+from openlora.outputs import UsageEvent
+from openlora.request import AdapterUse
 
 BASE = "tiny-llama"
 NODE_PP, NODE_PC = 1234, 5678  # the node's base-model prices per 1k tokens
@@ -139,7 +140,7 @@ def usage(adapters: list[tuple[str, float]], prompt: int, completion: int, payer
           status: str = "finished") -> UsageEvent:
     return UsageEvent(
         request_id=f"req-{prompt}-{completion}-{len(adapters)}", tenant=payer, base_model=BASE,
-        base_model_hash="0xbase", adapters=tuple(AdapterUsage(a, f"sha256:{a}", x) for a, x in adapters),
+        base_model_hash="0xbase", adapters=tuple(AdapterUse(a, f"sha256:{a}", x) for a, x in adapters),
         prompt_tokens=prompt, cached_tokens=0, completion_tokens=completion, status=status,
         finish_reason="stop" if status == "finished" else "abort", finish_time=1_700_000_000.0)
 

@@ -19,7 +19,8 @@ from openlora.chain.payments import PaymentRequired, Payments
 from openlora.chain.registry_sync import NodeProfile, check_adapter, ensure_node, register_adapter
 from openlora.chain.settler import Settler
 from openlora.errors import AccessDenied, InvalidRequest
-from openlora.outputs import AdapterUsage, UsageEvent
+from openlora.outputs import UsageEvent
+from openlora.request import AdapterUse
 
 pytestmark = pytest.mark.slow  # real processes, the demo model, a browser or a chain: not in `make test-fast`
 
@@ -115,7 +116,7 @@ def test_chain_down_loses_nothing_and_settles_once(world):
     for i in range(3):
         rid = f"down-{i}"
         world["pay"].admit([rid], auth, ["open"], 10**6)
-        receipts.append(att.record(UsageEvent(rid, payer.address, "m", "", (AdapterUsage("open", "", 1.0),),
+        receipts.append(att.record(UsageEvent(rid, payer.address, "m", "", (AdapterUse("open", "", 1.0),),
                                               100, 0, 50, "finished", "stop")))
     node = world["node"]
     node.stop()  # the chain goes down (anvil writes its state file on SIGTERM)

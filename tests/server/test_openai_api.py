@@ -143,6 +143,23 @@ def test_logprobs_shapes(client):
     assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
 
 
+def test_stream_usage_counts_cached_prompt_tokens(client):
+    """A repeated prompt hits the prefix cache: the streamed usage says so, like the non-streamed one."""
+    prompt = " ".join(f"t{i % 50}" for i in range(80))
+
+    def usage(stream: bool):
+        if not stream:
+            return client.completions.create(model="a1", prompt=prompt, max_tokens=2, temperature=0).usage
+        chunks = list(client.completions.create(model="a1", prompt=prompt, max_tokens=2, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))
+        return chunks[-1].usage
+
+    usage(False)  # fills the cache
+    plain, streamed = usage(False), usage(True)
+    assert plain.prompt_tokens_details.cached_tokens > 0
+    assert streamed.prompt_tokens_details.cached_tokens == plain.prompt_tokens_details.cached_tokens
+
+
 def test_stream_usage_chunk_and_attribution(client, server, assets):
     from eth_account import Account
 
