@@ -107,6 +107,23 @@ class Scheduler:
         req.error = error
         self.requests.pop(req.request_id, None)
 
+    def reset(self) -> list[Request]:
+        """Drop every request after an engine error that a normal abort could not clean up: each one's
+        adapter hold and blocks are released where that still works, and the queues end empty either
+        way, so no stale request is scheduled again. Returns the dropped requests."""
+        dropped = list(self.requests.values())
+        for req in dropped:
+            for release in ((self.gate.release,) if self.gate is not None else ()) + (self.kv.free,):
+                try:
+                    release(req)
+                except Exception:  # noqa: BLE001 - the state is already broken: free what can be freed
+                    pass
+            req.status = RequestStatus.FINISHED_ABORTED
+        self.requests.clear()
+        self.waiting.clear()
+        self.running.clear()
+        return dropped
+
     def abort(self, request_ids: Iterable[str]) -> list[Request]:
         out = []
         for rid in request_ids:

@@ -284,9 +284,10 @@ class AsyncEngine:
         try:
             self.engine.abort_request(list(self.engine.groups) or ids)
         except Exception:  # the engine state may be corrupt; the requests are failed either way
-            log.exception("aborting requests after an engine error failed")
+            log.exception("aborting requests after an engine error failed: dropping every request")
             self.engine.groups.clear()
             self.engine.child_to_group.clear()
+            self.engine.scheduler.reset()  # else the scheduler would run the dropped requests again
         if batch:
             self._send(batch)
 

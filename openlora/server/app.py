@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from openlora.engine.async_engine import AsyncEngine
 from openlora.errors import AdapterNotFound, InvalidRequest, OpenLoRAError
+from openlora.lora.sources import scan_adapter_dir
 from openlora.server.chain_routes import install_chain_routes
 from openlora.server.errors import error_body, install_error_handlers
 from openlora.server.explorer import install_explorer_routes
@@ -88,11 +89,11 @@ def build_state(opts: ServeOptions) -> ServerState:
         model_id = DEMO_MODEL_ID
     else:
         model_id = model_id_for(model)
-    for d in opts.adapter_dirs:
-        found = sorted(p for p in Path(d).iterdir() if (p / "adapter_config.json").is_file())
+    for d in opts.adapter_dirs:  # the same scan as LoRAManager.register_dir: nested org/name folders too
+        found = scan_adapter_dir(d)
         if not found:
-            log.warning("--adapter-dir %s holds no adapter (no subfolder with adapter_config.json)", d)
-        adapters += [(p.name, str(p)) for p in found]
+            log.warning("--adapter-dir %s holds no adapter (no folder with adapter_config.json)", d)
+        adapters += [(name, str(p)) for name, p in found.items()]
 
     config = build_engine_config(model, **opts.engine)
     # The model and the adapter pool are built on the engine thread (see AsyncEngine.build).

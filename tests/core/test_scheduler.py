@@ -155,3 +155,20 @@ def test_no_block_leaks(ops):
         run_step(s)
     assert s.num_unfinished() == 0
     assert kv.pool.num_free == 24 and sum(kv.pool.ref_cnt) == 0 and not kv.seqs
+
+
+def test_reset_drops_every_request_and_frees_its_blocks():
+    """After an engine error the async engine resets the scheduler: nothing stale runs again."""
+    s, kv = make(max_seqs=2, budget=16)
+    free0 = kv.pool.num_free
+    reqs = [req(f"r{i}", 10) for i in range(4)]
+    for r in reqs:
+        s.add_request(r)
+    run_step(s)
+    assert s.running and s.waiting and kv.pool.num_free < free0
+    dropped = s.reset()
+    assert {r.request_id for r in dropped} == {r.request_id for r in reqs}
+    assert not s.running and not s.waiting and not s.requests and s.num_unfinished() == 0
+    assert all(r.status == RequestStatus.FINISHED_ABORTED for r in reqs)
+    assert kv.pool.num_free == free0
+    assert s.schedule().empty
