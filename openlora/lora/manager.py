@@ -102,6 +102,7 @@ class LoRAManager:
         self.shape = config.model.shape
         self.max_loras = config.lora.max_loras
         self.max_cpu_loras = max(1, config.lora.max_cpu_loras)  # 0 would never load anything
+        self.max_lora_rank = config.lora.max_lora_rank
         self.device = torch.device(config.device)
         from openlora.worker.model_runner import DTYPES
 
@@ -301,6 +302,9 @@ class LoRAManager:
         t0 = time.perf_counter()
         try:
             adapter = self._read(e)
+            if adapter.max_rank > self.max_lora_rank:
+                raise AdapterLoadError(f"adapter {e.adapter_id!r} has rank {adapter.max_rank}, above this "
+                                       f"server's --max-lora-rank {self.max_lora_rank}")
             too_big = [s for s in LORA_SITES if adapter.site_rank(s) > self.pool.rows]
             if too_big:
                 raise AdapterLoadError(

@@ -59,7 +59,10 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-loras", type=int, default=32, help="adapters resident on the device at once")
     p.add_argument("--max-cpu-loras", type=int, default=128, help="adapters cached in host memory")
-    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--max-lora-rank", type=int, default=64,
+                   help="largest adapter rank accepted: a higher-rank adapter fails to load with a clear error")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds sampling for requests that give no seed of their own (a run is reproducible)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -100,7 +103,7 @@ def run_serve(args: argparse.Namespace) -> int:
     opts = ServeOptions(
         model=args.model, adapters=args.adapter, adapter_dirs=args.adapter_dir,
         engine=dict(dtype=args.dtype, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
-                    max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
+                    max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs, seed=args.seed,
                     max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                     kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                     num_threads=args.num_threads, max_waiting=args.max_waiting),

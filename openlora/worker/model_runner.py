@@ -58,6 +58,9 @@ class ModelRunner:
 
     def __init__(self, config: EngineConfig, num_blocks: int, lora=None) -> None:
         self.config = config
+        # Requests without their own seed sample from torch's global generator: seeding it here makes
+        # a whole run reproducible from EngineConfig.seed (as vLLM's `seed`).
+        torch.manual_seed(config.seed)
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
         self.model: LlamaModel = load_model(config.model, self.dtype, self.device)

@@ -264,3 +264,14 @@ def test_s3_adapter_generates_like_local(tiny, s3, tmp_path, monkeypatch):  # no
     assert outs[2].error and "hash" in outs[2].error
     assert (tmp_path / "cache" / "adapters" / "s3").is_dir()  # landed in the disk cache
     llm.lora.shutdown()
+
+
+def test_max_lora_rank_is_enforced_at_registration(tiny):
+    """An adapter above --max-lora-rank is refused with a clear error when it loads (not truncated)."""
+    from openlora.errors import AdapterLoadError
+
+    model, root, _ = tiny  # ranks 2..5
+    llm = make_llm(model, root, "", max_lora_rank=3)
+    llm.lora.register("B", str(root / "B"), load=True)  # rank 3: fine
+    with pytest.raises(AdapterLoadError, match="rank 4, above this server's --max-lora-rank 3"):
+        llm.lora.register("C", str(root / "C"), load=True)
