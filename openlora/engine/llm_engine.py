@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +13,7 @@ from openlora.config import EngineConfig
 from openlora.core.kv_cache_manager import KVCacheManager
 from openlora.core.scheduler import Scheduler
 from openlora.engine.detokenizer import IncrementalDetokenizer
+from openlora.engine.model_hash import base_model_hash
 from openlora.engine.tokenizer import load_tokenizer
 from openlora.errors import InvalidRequest, OpenLoRAError, RequestTooLong
 from openlora.lora.merge_service import MergeService, MergeSpec
@@ -72,7 +72,7 @@ class LLMEngine:
         self.groups: dict[str, _Group] = {}
         self.child_to_group: dict[str, tuple[_Group, int]] = {}
         self.usage_listeners: list[Callable[[UsageEvent], None]] = []
-        self.base_model_hash = _base_model_hash(config.model.path)
+        self.base_model_hash = base_model_hash(config.model.path)
         eos = set(config.model.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -260,24 +260,6 @@ class LLMEngine:
             e = self.lora.entries.get(aid)
             out.append(AdapterUse(aid, e.content_hash if e is not None else "", w))
         return tuple(out)
-
-
-def _base_model_hash(path: str) -> str:
-    """Identity of the base model: sha256 over config.json and the safetensors index/headers."""
-    from pathlib import Path
-
-    h = hashlib.sha256()
-    p = Path(path)
-    for name in sorted(x.name for x in p.iterdir() if x.suffix in (".json",) or x.name.endswith(".safetensors")):
-        f = p / name
-        if name.endswith(".safetensors"):
-            h.update(name.encode())
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
-        elif name in ("config.json", "model.safetensors.index.json"):
-            h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 __all__ = ["LLMEngine", "OpenLoRAError"]
