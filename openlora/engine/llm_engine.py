@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
@@ -14,11 +12,12 @@ from openlora.core.kv_cache_manager import KVCacheManager
 from openlora.core.scheduler import Scheduler
 from openlora.engine.detokenizer import IncrementalDetokenizer
 from openlora.engine.model_hash import base_model_hash
+from openlora.engine.output_processor import OutputProcessor, RequestGroup
 from openlora.engine.tokenizer import load_tokenizer
 from openlora.errors import InvalidRequest, OpenLoRAError, RequestTooLong
 from openlora.lora.merge_service import MergeService, MergeSpec
-from openlora.outputs import CompletionOutput, RequestOutput, UsageEvent
-from openlora.request import AdapterUse, Request, RequestStatus
+from openlora.outputs import RequestOutput, UsageEvent
+from openlora.request import Request
 from openlora.sampling_params import SamplingParams
 from openlora.worker.model_runner import ModelRunner, num_kv_blocks
 
@@ -26,28 +25,6 @@ log = logging.getLogger("openlora.engine")
 
 # What a request may name as its adapters: None (base model), one adapter id, or weighted ids.
 AdapterSpec = None | str | Sequence[tuple[str, float]]
-
-
-@dataclass
-class _Group:
-    """A user request: its `n` sample sequences and what has been reported so far."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    children: list[Request]
-    detoks: list[IncrementalDetokenizer]
-    logprobs: list[list] = field(default_factory=list)
-    prompt_logprobs: list | None = None
-    tenant: str = ""
-    merge: dict | None = None
-    sources: list[tuple[str, float]] | None = None  # merge sources (adapter id, weight)
-    arrival_wall: float = field(default_factory=time.time)
-
-    @property
-    def finished(self) -> bool:
-        return all(c.is_finished for c in self.children)
 
 
 class LLMEngine:
@@ -69,15 +46,16 @@ class LLMEngine:
         self.merges = MergeService(lora_manager) if lora_manager is not None else None
         self.scheduler = Scheduler(config.scheduler, self.kv, gate=lora_manager)
         self.runner = ModelRunner(config, self.num_blocks, lora=lora_manager)
-        self.groups: dict[str, _Group] = {}
-        self.child_to_group: dict[str, tuple[_Group, int]] = {}
+        self.groups: dict[str, RequestGroup] = {}
+        self.child_to_group: dict[str, tuple[RequestGroup, int]] = {}
         self.usage_listeners: list[Callable[[UsageEvent], None]] = []
         self.base_model_hash = base_model_hash(config.model.path)
         eos = set(config.model.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self.stats = {"steps": 0, "tokens": 0, "prompt_tokens": 0, "generation_tokens": 0}
+        self.outputs = OutputProcessor(self)
+        self.stats = self.outputs.stats  # steps, tokens, generation tokens
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
@@ -127,7 +105,7 @@ class LLMEngine:
             detoks.append(IncrementalDetokenizer(
                 self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output))
-        g = _Group(request_id, text, ids, params, children, detoks, [[] for _ in children],
+        g = RequestGroup(request_id, text, ids, params, children, detoks, [[] for _ in children],
                    tenant=tenant, merge=merge, sources=sources)
         self.groups[request_id] = g
         for i, c in enumerate(children):
@@ -143,7 +121,7 @@ class LLMEngine:
             if g is None:
                 continue
             self.scheduler.abort([c.request_id for c in g.children])
-            self._finish_group_if_done(g)
+            self.outputs.retire_if_done(g)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
@@ -153,113 +131,12 @@ class LLMEngine:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
-        """One scheduling + forward + sampling round. Returns outputs of requests that progressed (only
-        those that finished with `finished_only`: offline generate skips building the others)."""
+        """One round: schedule, execute, update, process. Returns outputs of requests that progressed
+        (only those that finished with `finished_only`: offline generate skips building the others)."""
         sched = self.scheduler.schedule()
-        touched: dict[str, _Group] = {}
-        for req in sched.failed:
-            req.error_status = self._failure_status(req)
-            g, _ = self.child_to_group[req.request_id]
-            touched[g.request_id] = g
-        if not sched.empty:
-            out = self.runner.execute(sched)
-            for rid, lps in out.prompt_logprobs.items():
-                g, _ = self.child_to_group[rid]
-                if g.prompt_logprobs is None:
-                    g.prompt_logprobs = [None]
-                if g.children[0].request_id == rid:
-                    g.prompt_logprobs.extend(lps)
-            progressed = self.scheduler.update(sched, out.sampled)
-            self.stats["steps"] += 1
-            self.stats["tokens"] += sched.num_batched_tokens
-            self.stats["generation_tokens"] += len(progressed)
-            for req in progressed:
-                g, i = self.child_to_group[req.request_id]
-                touched[g.request_id] = g
-                self._detokenize(req, g, i, out.logprobs.get(req.request_id))
-        outputs = []
-        for g in touched.values():
-            if g.finished or not finished_only:
-                outputs.append(self._output(g))
-            self._finish_group_if_done(g)
-        return outputs
-
-    def _detokenize(self, req: Request, g: _Group, i: int, lp) -> None:
-        d = g.detoks[i]
-        d.add([req.output_token_ids[-1]])
-        if lp is not None:
-            g.logprobs[i].append(lp)
-        if d.stop_hit is not None and not req.is_finished:
-            req.stop_reason = d.stop_hit
-            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-        if req.is_finished:
-            d.finish()
-
-    def _output(self, g: _Group) -> RequestOutput:
-        outs = []
-        for i, (c, d) in enumerate(zip(g.children, g.detoks)):
-            outs.append(CompletionOutput(
-                index=i, text=d.output_text, token_ids=list(c.output_token_ids),
-                logprobs=list(g.logprobs[i]) if g.params.logprobs is not None else None,
-                finish_reason=c.status.finish_reason, stop_reason=c.stop_reason))
-        failed = next((c for c in g.children if c.error), None)
-        err = failed.error if failed else None
-        return RequestOutput(
-            request_id=g.request_id, prompt=g.prompt, prompt_token_ids=g.prompt_token_ids, outputs=outs,
-            finished=g.finished, prompt_logprobs=g.prompt_logprobs,
-            num_cached_tokens=max(0, g.children[0].num_cached_tokens), error=err,
-            error_status=(failed.error_status or 503) if failed else None,
-        )
-
-    def _failure_status(self, req: Request) -> int:
-        """HTTP status of an adapter failure: the load error's own (400 for a bad merge), else 503."""
-        for u in req.adapters:
-            e = self.lora.entries.get(u.adapter_id) if self.lora is not None else None
-            if e is not None and e.exc is not None:
-                return getattr(e.exc, "status", 503)
-        return 503
-
-    def _finish_group_if_done(self, g: _Group) -> None:
-        if not g.finished or g.request_id not in self.groups:
-            return
-        del self.groups[g.request_id]
-        for c in g.children:
-            self.child_to_group.pop(c.request_id, None)
-            self.runner.release(c.request_id)
-        self._emit_usage(g)
-
-    def _emit_usage(self, g: _Group) -> None:
-        if not self.usage_listeners:
-            return
-        statuses = {c.status for c in g.children}
-        status = ("failed" if RequestStatus.FINISHED_ERROR in statuses
-                  else "aborted" if RequestStatus.FINISHED_ABORTED in statuses else "finished")
-        first = g.children[0]
-        ev = UsageEvent(
-            request_id=g.request_id, tenant=g.tenant, base_model=self.config.model.path,
-            base_model_hash=self.base_model_hash,
-            adapters=self._usage_adapters(g, first),
-            prompt_tokens=len(g.prompt_token_ids), cached_tokens=max(0, first.num_cached_tokens),
-            completion_tokens=sum(c.num_output_tokens for c in g.children), status=status,
-            finish_reason=first.status.finish_reason, merge=g.merge, arrival_time=g.arrival_wall,
-            finish_time=time.time(),
-        )
-        for fn in self.usage_listeners:
-            try:
-                fn(ev)
-            except Exception:  # a listener must never take the engine down
-                log.exception("usage listener failed for %s", g.request_id)
-
-
-    def _usage_adapters(self, g: _Group, first: Request) -> tuple[AdapterUse, ...]:
-        """Every source adapter: a merged request lists the merge's sources, not the merged copy."""
-        if g.sources is None:
-            return first.adapters
-        out = []
-        for aid, w in g.sources:
-            e = self.lora.entries.get(aid)
-            out.append(AdapterUse(aid, e.content_hash if e is not None else "", w))
-        return tuple(out)
+        out = self.runner.execute(sched) if not sched.empty else None
+        progressed = self.scheduler.update(sched, out.sampled) if out is not None else []
+        return self.outputs.process(sched, out, progressed, finished_only)
 
 
 __all__ = ["LLMEngine", "OpenLoRAError"]
