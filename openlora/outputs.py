@@ -49,6 +49,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     error_status: int | None = None
+    exc: BaseException | None = None  # the failure itself, when the engine has one
     metrics: dict = field(default_factory=dict)
 
 

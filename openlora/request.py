@@ -71,6 +71,7 @@ class Request:
     num_preemptions: int = 0
     error: str | None = None
     error_status: int | None = None  # HTTP status of `error` (400 bad merge, 503 adapter load failure)
+    exc: BaseException | None = None  # the failure itself (its status and error type reach the client)
     stop_reason: int | str | None = None
     first_token_time: float | None = None
     # Prompt logprobs collected so far (filled chunk by chunk when prompt_logprobs is set).

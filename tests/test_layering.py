@@ -24,3 +24,17 @@ def test_torch_free_layers_load_no_torch(module):
 def test_the_engine_loads_no_consumer_of_its_events():
     consumers = ("openlora.attribution", "openlora.server", "openlora.chain", "openlora.network", "openlora.web")
     assert _loaded("openlora.engine.llm_engine, openlora.engine.async_engine", consumers) == []
+
+
+def test_nothing_outside_lora_touches_the_adapter_managers_internals():
+    """The other layers ask LoRAManager (cards, card, snapshot, pool_tensors, ...); its entries,
+    lock, pool, backend and tiers stay inside openlora/lora."""
+    import re
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "openlora"
+    reach = re.compile(r"\blora(?:_manager)?\.(entries|lock|pool|backend|_\w+)\b")
+    hits = [f"{p.relative_to(pkg)}:{i}: {line.strip()}"
+            for p in pkg.rglob("*.py") if "lora" not in p.relative_to(pkg).parts[:1]
+            for i, line in enumerate(p.read_text().splitlines(), 1) if reach.search(line)]
+    assert not hits, hits

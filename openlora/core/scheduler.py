@@ -34,8 +34,8 @@ class AdapterGate(Protocol):
     def requeue(self, req: Request) -> None:
         """The running request was preempted and waits again."""
 
-    def failure(self, req: Request) -> str | None:
-        """Why the request's adapter cannot be loaded, or None."""
+    def failure(self, req: Request) -> BaseException | None:
+        """The exception that keeps the request's adapters from loading, or None."""
 
 
 @dataclass
@@ -205,12 +205,12 @@ class Scheduler:
             if key and key in blocked:
                 continue
             if self.gate is not None:
-                err = self.gate.failure(req)
-                if err is not None:
+                exc = self.gate.failure(req)
+                if exc is not None:
                     self.requests.pop(req.request_id, None)
                     self.gate.release(req)
                     req.status = RequestStatus.FINISHED_ERROR
-                    req.error = err
+                    req.error, req.error_status, req.exc = str(exc), getattr(exc, "status", 503), exc
                     out.failed.append(req)
                     removed.add(req.request_id)
                     continue

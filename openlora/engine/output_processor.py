@@ -58,8 +58,7 @@ class OutputProcessor:
         `finished_only`); finished groups are retired."""
         c2g = self.engine.child_to_group
         touched: dict[str, RequestGroup] = {}
-        for req in sched.failed:
-            req.error_status = self.failure_status(req)
+        for req in sched.failed:  # the scheduler set their error, status and exception
             g, _ = c2g[req.request_id]
             touched[g.request_id] = g
         if out is not None:
@@ -107,17 +106,8 @@ class OutputProcessor:
             request_id=g.request_id, prompt=g.prompt, prompt_token_ids=g.prompt_token_ids, outputs=outs,
             finished=g.finished, prompt_logprobs=g.prompt_logprobs,
             num_cached_tokens=max(0, g.children[0].num_cached_tokens), error=err,
-            error_status=(failed.error_status or 503) if failed else None,
+            error_status=(failed.error_status or 503) if failed else None, exc=failed.exc if failed else None,
         )
-
-    def failure_status(self, req: Request) -> int:
-        """HTTP status of an adapter failure: the load error's own (400 for a bad merge), else 503."""
-        lora = self.engine.lora
-        for u in req.adapters:
-            e = lora.entries.get(u.adapter_id) if lora is not None else None
-            if e is not None and e.exc is not None:
-                return getattr(e.exc, "status", 503)
-        return 503
 
     def retire_if_done(self, g: RequestGroup) -> None:
         eng = self.engine
@@ -156,8 +146,4 @@ class OutputProcessor:
         """Every source adapter: a merged request lists the merge's sources, not the merged copy."""
         if g.sources is None:
             return first.adapters
-        out = []
-        for aid, w in g.sources:
-            e = self.engine.lora.entries.get(aid)
-            out.append(AdapterUse(aid, e.content_hash if e is not None else "", w))
-        return tuple(out)
+        return tuple(AdapterUse(aid, self.engine.lora.content_hash(aid), w) for aid, w in g.sources)

@@ -201,6 +201,34 @@ class LoRAManager:
             return "resident"
         return e.state.value
 
+    # ---- what the other layers may ask (nothing outside lora/ touches entries, lock or pool) -----
+    def card(self, adapter_id: str) -> dict[str, Any] | None:
+        """{id, state, pinned, load_seconds} of a registered adapter; None if it is not registered."""
+        with self.lock:
+            e = self.entries.get(adapter_id)
+            if e is None or e.unregistered:
+                return None
+            return {"id": adapter_id, "state": self.state_of(e), "pinned": e.pinned, "load_seconds": e.load_seconds}
+
+    def cards(self) -> list[dict[str, Any]]:
+        """card() of every registered adapter, in registration order."""
+        with self.lock:
+            return [{"id": aid, "state": self.state_of(e), "pinned": e.pinned, "load_seconds": e.load_seconds}
+                    for aid, e in self.entries.items() if not e.unregistered]
+
+    def content_hash(self, adapter_id: str) -> str:
+        """The adapter's content hash once loaded ('' before, or if unknown)."""
+        e = self.entries.get(adapter_id)
+        return e.content_hash if e is not None else ""
+
+    def pool_tensors(self) -> tuple[dict, dict, Any]:
+        """(A rows, B^T rows, SGMV backend) for the model runner's LoRA context."""
+        return self.pool.a, self.pool.bt, self.backend
+
+    @property
+    def backend_name(self) -> str:
+        return getattr(self.backend, "name", type(self.backend).__name__)
+
     def snapshot(self) -> dict[str, Any]:
         """Per-adapter state for the server and metrics, plus counts per state and tier sizes."""
         with self.lock:
@@ -358,16 +386,18 @@ class LoRAManager:
                 self._want_add(e)
             self._pump()
 
-    def failure(self, req: Request) -> str | None:
+    def failure(self, req: Request) -> BaseException | None:
+        """The exception that keeps the request's adapters from loading (its status and type reach
+        the client unchanged: 400 invalid_request_error for a bad merge), or None."""
         if not req.adapters:
             return None
         with self.lock:
             ents = self._entries_of(req)
             if len(ents) != len(req.adapters):
-                return "an adapter of this request was unregistered"
+                return AdapterNotFound("an adapter of this request was unregistered")
             for e in ents:
                 if e.state == AdapterState.FAILED:
-                    return e.error or f"adapter {e.adapter_id!r} failed to load"
+                    return e.exc or AdapterLoadError(e.error or f"adapter {e.adapter_id!r} failed to load")
         return None
 
     def acquire(self, req: Request) -> bool:

@@ -102,7 +102,7 @@ def build_state(opts: ServeOptions) -> ServerState:
     engine = async_engine.engine
     lora = engine.lora
     log.info("model %s (served as %r) on %s, dtype %s, LoRA backend %s", config.model.path, model_id,
-             config.device, config.dtype, getattr(lora.backend, "name", type(lora.backend).__name__))
+             config.device, config.dtype, lora.backend_name)
     metrics = Metrics()
     state = ServerState(engine=async_engine, lora=lora, model_id=model_id,
                         metrics=metrics, api_keys=dict(opts.api_keys), admin_key=opts.admin_key,
@@ -255,12 +255,9 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models", response_model=ModelList)
     async def models(raw: Request) -> ModelList:
         state.key_id(raw)
-        lora = state.lora
         cards = [ModelCard(id=state.model_id, created=state.created)]
-        with lora.lock:
-            entries = [e for e in lora.entries.values() if not e.unregistered]
-            cards += [ModelCard(id=e.adapter_id, created=state.created, parent=state.model_id,
-                                state=lora.state_of(e), pinned=e.pinned) for e in entries]
+        cards += [ModelCard(id=c["id"], created=state.created, parent=state.model_id, state=c["state"],
+                            pinned=c["pinned"]) for c in state.lora.cards()]
         return ModelList(data=cards)
 
     @app.post("/v1/adapters", response_model=ModelCard)
@@ -270,9 +267,11 @@ def create_app(state: ServerState) -> FastAPI:
         await asyncio.to_thread(register_adapter, state, body.id, body.source, pinned=body.pinned, load=True,
                                 manifest=body.manifest)
         log.info("adapter %s registered at runtime <- %s", body.id, body.source)
-        e = state.lora.get(body.id)
-        return ModelCard(id=body.id, created=state.created, parent=state.model_id, state=state.lora.state_of(e),
-                         pinned=e.pinned)
+        c = state.lora.card(body.id)
+        if c is None:  # unregistered again by a concurrent DELETE
+            raise AdapterNotFound(f"adapter {body.id!r} is not registered")
+        return ModelCard(id=body.id, created=state.created, parent=state.model_id, state=c["state"],
+                         pinned=c["pinned"])
 
     @app.delete("/v1/adapters/{adapter_id}")
     async def delete_adapter(adapter_id: str, raw: Request) -> dict:

@@ -124,7 +124,7 @@ def run_serve(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=args.grace_period + 5, log_config=None)
     server = _DrainingServer(config, state)
     log.info("listening on http://%s:%d (model %r, %d adapters%s)", args.host, args.port, state.model_id,
-             len(state.lora.entries), "" if keys else ", no API key")
+             len(state.lora.cards()), "" if keys else ", no API key")
     server.run()
     log.info("server stopped")
     return 0

@@ -113,12 +113,7 @@ def snapshot(engine: LLMEngine) -> dict[str, Any]:
         return dict(t)
 
     lora = engine.lora
-    adapters = {}
-    if lora is not None:
-        with lora.lock:
-            for aid, e in list(lora.entries.items()):
-                if not e.unregistered:
-                    adapters[aid] = (lora.state_of(e), e.load_seconds)
+    adapters = {c["id"]: (c["state"], c["load_seconds"]) for c in lora.cards()} if lora is not None else {}
     return {
         "kv_usage": float(engine.kv.usage),
         "num_running": len(engine.scheduler.running),

@@ -47,5 +47,5 @@ def note_adapter_state(request: Request, state: Any, names: list[str]) -> None:
     if not names:
         request.state.adapter_state = "base"
         return
-    e = state.lora.entries.get(names[0])
-    request.state.adapter_state = state.lora.state_of(e) if e is not None and not e.unregistered else "unknown"
+    card = state.lora.card(names[0])
+    request.state.adapter_state = card["state"] if card is not None else "unknown"

@@ -125,7 +125,9 @@ class _Run:
                     continue
             if isinstance(item, BaseException):
                 raise item
-            if item.error:
+            if item.error:  # the engine's own exception keeps its status and type (400 invalid_request_error)
+                if isinstance(item.exc, OpenLoRAError):
+                    raise item.exc
                 raise RequestFailed(item.error, item.error_status or 500)
             self.latest[item.request_id] = item
             if item.finished:

@@ -162,7 +162,7 @@ class ModelRunner:
         if self.lora is not None:
             batch = self.lora.build_batch(seqs, q_starts, len(ids))
             if batch is not None:
-                lora_ctx = LoRAContext(batch, self.lora.pool.a, self.lora.pool.bt, self.lora.backend)
+                lora_ctx = LoRAContext(batch, *self.lora.pool_tensors())
         ctx = ForwardContext(positions=positions, cos=cos, sin=sin, attn=attn, lora=lora_ctx)
         return ctx, torch.tensor(ids, dtype=torch.long, device=dev), q_starts
 

@@ -119,5 +119,12 @@ def test_bad_merge_requests(env):
         llm.generate([PROMPT], p, merge={"adapters": ["a", "nope"], "strategy": "linear"})
     with pytest.raises(InvalidRequest, match="equal rank"):  # sources already in host memory: immediate 400
         llm.generate([PROMPT], p, merge={"adapters": ["a", "c4"], "strategy": "linear"})
+    # Sources not in host memory yet: the rank check runs in the background build, and the request's
+    # output carries the exception itself (HTTP: 400 invalid_request_error, not internal_error).
+    _, root, _ = env
+    llm.lora.register("b_cold", str(root / "b"))  # registered, not loaded
+    llm.lora.register("c4_cold", str(root / "c4"))
+    out = llm.generate([PROMPT], p, merge={"adapters": ["b_cold", "c4_cold"], "strategy": "linear"})[0]
+    assert isinstance(out.exc, InvalidRequest) and "equal rank" in out.error and out.error_status == 400, out
     # The engine keeps serving.
     assert llm.generate([PROMPT], p)[0].outputs[0].token_ids

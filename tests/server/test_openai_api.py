@@ -322,3 +322,6 @@ def test_merge_requests_over_http(client, offline):
             client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4, extra_body={"merge": body})
         assert ei.value.status_code == status, (body, ei.value)
         assert word in str(ei.value.body["message"]), (body, ei.value.body)
+        # Also when the merge fails in its background build: the engine carries the exception itself.
+        assert ei.value.body["type"] == ("invalid_request_error" if status == 400 else "not_found_error"), ei.value.body
+
