@@ -140,6 +140,9 @@ class CacheConfig:
     num_blocks: int | None = None  # overrides the memory budget (tests use it)
     enable_prefix_caching: bool = True
 
+    def __post_init__(self) -> None:
+        _check(self, block_size=1, kv_cache_memory_bytes=1, num_blocks=1)
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -151,6 +154,11 @@ class SchedulerConfig:
     max_waiting: int = 4096  # the server answers 429 beyond this
     adapter_time_slice_s: float = 2.0  # fairness across adapters when more want to run than slots
 
+    def __post_init__(self) -> None:
+        _check(self, max_num_seqs=1, max_num_batched_tokens=1, max_model_len=2, max_waiting=0)
+        if not self.adapter_time_slice_s > 0:
+            raise ValueError(f"adapter_time_slice_s must be > 0, got {self.adapter_time_slice_s!r}")
+
 
 @dataclass(frozen=True)
 class LoRAConfig:
@@ -160,6 +168,9 @@ class LoRAConfig:
     max_cpu_loras: int = 128  # adapters kept in host memory
     max_lora_rank: int = 64
     pool_rows: int | None = None  # rank rows per projection in the device pool (default max_loras * 16)
+
+    def __post_init__(self) -> None:
+        _check(self, max_loras=1, max_cpu_loras=0, max_lora_rank=1, pool_rows=1)
 
 
 @dataclass(frozen=True)
@@ -174,3 +185,21 @@ class EngineConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     num_threads: int | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check(self, num_threads=1, seed=0)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(cfg: object, **minimum: int) -> None:
+    """Each named field must be an int >= its minimum (None allowed where the field's default is None)."""
+    for name, low in minimum.items():
+        v = getattr(cfg, name)
+        if v is None and getattr(type(cfg), name, 0) is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{type(cfg).__name__}.{name} must be an integer >= {low}, got {v!r}")

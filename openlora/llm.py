@@ -15,14 +15,18 @@ from openlora.sampling_params import SamplingParams
 log = logging.getLogger("openlora")
 
 
-def build_engine_config(model: str | None = None, *, dtype: str = "float32", device: str | None = None,
-                        max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                        max_model_len: int | None = None, block_size: int = 16,
-                        kv_cache_memory: int = 1 << 30, num_kv_blocks: int | None = None,
-                        enable_prefix_caching: bool = True, max_loras: int = 32, max_cpu_loras: int = 128,
-                        max_lora_rank: int = 64, lora_pool_rows: int | None = None, num_threads: int | None = None,
-                        max_waiting: int = 4096, seed: int = 0) -> EngineConfig:
-    """Engine options -> EngineConfig. No model means the built-in demo model (SmolLM2-135M-Instruct)."""
+def build_engine_config(model: str | None = None, *, dtype: str = EngineConfig.dtype, device: str | None = None,
+                        max_num_seqs: int = SchedulerConfig.max_num_seqs,
+                        max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
+                        max_model_len: int | None = None, block_size: int = CacheConfig.block_size,
+                        kv_cache_memory: int = CacheConfig.kv_cache_memory_bytes, num_kv_blocks: int | None = None,
+                        enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
+                        max_loras: int = LoRAConfig.max_loras, max_cpu_loras: int = LoRAConfig.max_cpu_loras,
+                        max_lora_rank: int = LoRAConfig.max_lora_rank, lora_pool_rows: int | None = None,
+                        num_threads: int | None = None, max_waiting: int = SchedulerConfig.max_waiting,
+                        seed: int = EngineConfig.seed) -> EngineConfig:
+    """Engine options -> EngineConfig (the defaults are the config dataclasses', which also validate).
+    No model means the built-in demo model (SmolLM2-135M-Instruct)."""
     import torch
 
     if model is None:
@@ -31,14 +35,12 @@ def build_engine_config(model: str | None = None, *, dtype: str = "float32", dev
         model = str(ensure_demo_model())
     path = _resolve_model_path(model)
     mc = ModelConfig.from_pretrained(path)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     mml = min(max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
     return EngineConfig(
         model=mc, dtype=dtype, device=device,
         cache=CacheConfig(block_size, kv_cache_memory, num_kv_blocks, enable_prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs, max(max_num_batched_tokens, 1), mml, max_waiting),
+        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, mml, max_waiting),
         lora=LoRAConfig(max_loras, max_cpu_loras, max_lora_rank, lora_pool_rows),
         num_threads=num_threads, seed=seed,
     )

@@ -8,6 +8,8 @@ import logging
 import re
 import signal
 
+from openlora.config import DTYPES, CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
+
 log = logging.getLogger("openlora.server")
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
@@ -56,20 +58,23 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    help="register every subfolder of DIR holding adapter_config.json; repeatable")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-loras", type=int, default=32, help="adapters resident on the device at once")
-    p.add_argument("--max-cpu-loras", type=int, default=128, help="adapters cached in host memory")
-    p.add_argument("--max-lora-rank", type=int, default=64,
+    p.add_argument("--dtype", default=EngineConfig.dtype, choices=DTYPES)
+    p.add_argument("--max-loras", type=int, default=LoRAConfig.max_loras,
+                   help="adapters resident on the device at once")
+    p.add_argument("--max-cpu-loras", type=int, default=LoRAConfig.max_cpu_loras, help="adapters cached in host memory")
+    p.add_argument("--max-lora-rank", type=int, default=LoRAConfig.max_lora_rank,
                    help="largest adapter rank accepted: a higher-rank adapter fails to load with a clear error")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=int, default=EngineConfig.seed,
                    help="seeds sampling for requests that give no seed of their own (a run is reproducible)")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-cache-memory", type=parse_bytes, default=1 << 30, help="e.g. 1GiB, 512MiB or bytes")
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=CacheConfig.kv_cache_memory_bytes,
+                   help="e.g. 1GiB, 512MiB or bytes")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--max-waiting", type=int, default=4096, help="queued requests beyond this get 429")
+    p.add_argument("--max-waiting", type=int, default=SchedulerConfig.max_waiting,
+                   help="queued requests beyond this get 429")
     p.add_argument("--api-key", action="append", default=[], metavar="[ID=]KEY",
                    help="require this bearer key on /v1 routes; repeatable. ID names the key as payer and in "
                         "adapter access lists (default: key-<sha256 prefix>)")
@@ -112,11 +117,13 @@ def run_serve(args: argparse.Namespace) -> int:
         grace_period=args.grace_period, chain=args.chain, epoch_seconds=args.epoch_seconds, region=args.region,
         location=args.location, public_url=args.public_url or f"http://{args.host}:{args.port}")
     from openlora.chain.anvil import ChainError
-    from openlora.errors import ModelLoadError
+    from openlora.errors import OpenLoRAError
 
     try:
         state = build_state(opts)
-    except (ModelLoadError, ChainError) as e:  # the operator's to fix: say what and where, no traceback
+    # A bad model, adapter folder, chain or option (config validation raises ValueError naming the
+    # field): the operator's to fix: say what and where, no traceback.
+    except (OpenLoRAError, ChainError, ValueError) as e:
         log.error("cannot serve: %s", e)
         return 2
     app = create_app(state)
