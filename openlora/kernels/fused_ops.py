@@ -20,10 +20,9 @@ ATen's AVX-512 kernels), so on an AVX-512 torch build all four ops are bit-ident
 fp32 and bf16 (tests/kernels/test_fused_ops.py checks equality). On other builds (ATen AVX2, no AVX-512
 in the extension) the sum order / exp may differ: fp32 stays within 1e-6 relative, bf16 within 1 ulp.
 
-NOTE: the point is call overhead, not FLOPs: at batch 32 the composites cost 6 (rms_norm), ~7 (RoPE),
-2 (silu * mul) and 1 (residual add) torch ops of ~15-20 us each; the fused ops are one call each.
-Small calls run on one thread (below `min_parallel_elems` elements the OpenMP fork/join costs more than
-the work; bench/fused_ops_micro.py measures the threshold).
+NOTE: the point is call overhead, not FLOPs: each composite is several torch ops, each fused op one
+call (figures: bench/RESULTS.md, from bench/fused_ops_micro.py). Small calls run on one thread (below
+`min_parallel_elems` elements the OpenMP fork/join costs more than the work).
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ def _ext() -> ModuleType | None:
 # --- fused entry points -----------------------------------------------------------------------------------
 # NOTE: the extension checks device, dtype, shapes and strides itself and returns None (rope_: False) when
 # its inputs are outside its domain; the composite then runs (and raises the errors). Checking in Python
-# cost ~5 us per call, about twice the call itself.
+# would cost about twice the call itself (bench/RESULTS.md).
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

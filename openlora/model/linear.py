@@ -1,27 +1,16 @@
 """Dense projections of the base model, with the CPU matmul path chosen once at start-up.
 
-bf16 on a CPU with AMX: our tile kernel (openlora.kernels.gemm.AMX) with weights packed at load time;
-at batch 32 with 30 layers' worth of distinct weights it ran 1.3-1.6x faster than oneDNN's packed
-linear here (11-15 GB/s of weights against 16 GB/s measured read bandwidth; in-engine figure:
-bench/throughput.py's `dense_matmuls_only_ms`).
+- bf16 on a CPU with AMX: our tile kernel (openlora.kernels.gemm.AMX), weights packed at load time.
+- bf16 with AVX512_BF16 but no AMX (AMD Zen 4): the fp32 panel kernel with VDPBF16PS on k-pair panels
+  (openlora.kernels.gemm.BF16).
+- fp32 with AVX-512: our FMA kernel on 48-column weight panels (openlora.kernels.gemm.F32). It wins at
+  decode sizes and loses a little at prefill sizes; decode dominates serving, and two layouts would
+  double the weights' memory.
+- Otherwise on CPU, oneDNN's pre-packed weights (the layout inductor uses for frozen linears); the
+  packed op is private to torch, so it is probed against F.linear once and the plain path is the
+  fallback (and the path on GPUs).
 
-bf16 on a CPU with AVX512_BF16 but no AMX (AMD Zen 4): the same panel kernel as fp32 below with
-VDPBF16PS on k-pair panels (openlora.kernels.gemm.BF16); at batch 32 over 30 layers' distinct weights
-plus the LM head 23 ms against 30 ms for oneDNN's packed linear (AMD VM, 2026-11-30), 21 ms (412
-GFLOP/s) once its 8-row block kept all accumulators in registers; at M=1024 (prefill) 6-11% slower than
-oneDNN per shape, measured before the embedded-broadcast change and that register fix (405 GFLOP/s now).
-
-fp32 on a CPU with AVX-512: our FMA kernel (openlora.kernels.gemm.F32) on 48-column weight panels;
-at M=32 over 30 layers' distinct weights 1.1-1.4x oneDNN's packed linear here (50-57 ms against
-60-80 ms; in-engine figure: bench/throughput.py's `dense_matmuls_only_ms`), but 0.85-1.0x at M=1024
-(prefill), where oneDNN's blocking is better; decode steps dominate serving, and keeping both layouts
-would double the weights' memory.
-
-Otherwise on CPU, oneDNN's pre-packed weights (the layout inductor uses for frozen linears) are faster
-for the small-M matmuls of decode steps with weights streamed from memory: measured here at batch 32
-with 30 layers' worth of distinct weights, fp32 69-107 GFLOP/s against 51-84 for F.linear, bf16
-134-266 against 132-207 (measured in session 1). The packed op is private to torch, so it is probed
-against F.linear once and the plain path is kept as the fallback (and on GPUs).
+The measurements behind these choices, and the commands that reproduce them: bench/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -22,11 +22,8 @@ log = logging.getLogger("openlora.worker")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Prompt chunks of at most this many tokens are attended row by row by the C++ paged kernel, in the same
-# call as the decode rows (each query row is a "decode row" whose visible length is its position + 1).
-# Measured per layer on the SmolLM2-135M shape, 32 chunks of n tokens, bf16 (fp32 alike), 2 threads:
-# n=32: 0.57 ms against 3.0 ms for one causal SDPA call per chunk; n=256: 28 against 49 ms; with 2 chunks
-# of 1024 SDPA is as fast or faster (its blocked matmuls win over per-row dot products), so longer
-# chunks keep SDPA.
+# call as the decode rows (each query row is a "decode row" whose visible length is its position + 1);
+# longer chunks keep SDPA, whose blocked matmuls win there (bench/RESULTS.md, bench/attention_micro.py).
 FUSED_PREFILL_MAX_TOKENS = 256
 
 
