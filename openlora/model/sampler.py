@@ -296,7 +296,10 @@ class Sampler:
         k_rows = [i for i in range(n) if top_p[i] >= 1.0 and top_k[i] < vocab]
         if sort_rows:
             k_t = torch.tensor([top_k[i] for i in sort_rows], dtype=torch.long, device=device)
-            p_t = torch.tensor([top_p[i] for i in sort_rows], dtype=torch.float32, device=device)
+            # A top_p below float32's smallest normal (the API takes any double > 0) would round to 0
+            # and keep no token: clamped, it keeps the top one, which is what so small a p means.
+            p_t = torch.tensor([top_p[i] for i in sort_rows], dtype=torch.float32, device=device).clamp_min(
+                torch.finfo(torch.float32).tiny)
             _on_rows(logits, sort_rows, lambda x: _apply_top_k_top_p(x, k_t, p_t))
         if k_rows:
             k_t2 = torch.tensor([top_k[i] for i in k_rows], dtype=torch.long, device=device)

@@ -41,6 +41,14 @@ def test_top_k_1_equals_greedy() -> None:
     assert Sampler()(logits, rows).token_ids == logits.argmax(-1).tolist()
 
 
+def test_top_p_smaller_than_any_float32_keeps_the_top_token() -> None:
+    """Found by schemathesis: top_p=5e-324 (a valid double > 0) underflowed to 0 in float32 and the
+    cut kept no token (index -1, a 500)."""
+    logits = _logits(4, seed=3)
+    rows = [_row(SamplingParams(temperature=1.0, top_p=p), seed=7) for p in (5e-324, 1e-45, 1e-38, 1e-30)]
+    assert Sampler()(logits, rows).token_ids == logits.argmax(-1).tolist()
+
+
 def test_greedy_rows_mixed_with_sampled_rows() -> None:
     logits = _logits(6, seed=2)
     rows = [_row(SamplingParams(temperature=0.0 if i % 2 == 0 else 1.0), seed=i) for i in range(6)]
