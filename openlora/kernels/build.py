@@ -50,11 +50,12 @@ def cpu_tag() -> str:
 def module_name(stem: str, source: str, cflags: tuple[str, ...], includes: tuple[str, ...] = ()) -> str:
     """`openlora_<stem>_<key>`: the key hashes the CPU tag, the flags and the bytes of every source.
 
-    NOTE: torch's own rebuild check keeps one build per module name and rebuilds when the sources
-    change, so two checkouts with different sources sharing one cache under the same name rebuilt each
-    other's modules at every alternate start. Naming by content makes each distinct build its own
-    module: checkouts with equal sources share it, others never collide."""
-    h = hashlib.sha1(f"{cpu_tag()}|{' '.join(cflags)}|".encode())
+    NOTE: torch's own rebuild check keeps one build per module name and rebuilds when its ninja command
+    changes, so two checkouts sharing one cache under the same name rebuilt each other's modules at every
+    alternate start: with different sources, and also with equal sources, because the command names the
+    source file's path. The key therefore covers the sources' folder too: each checkout and build gets
+    its own module and none collide."""
+    h = hashlib.sha1(f"{cpu_tag()}|{CSRC}|{' '.join(cflags)}|".encode())
     for f in (source, *includes):
         h.update(f.encode() + b"\0" + (CSRC / f).read_bytes())
     return f"openlora_{stem}_{h.hexdigest()[:12]}"

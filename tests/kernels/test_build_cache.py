@@ -20,6 +20,17 @@ def test_a_stale_lock_is_removed_and_a_live_one_kept(tmp_path):
     build._clear_stale_lock(tmp_path)  # no lock: nothing to do
 
 
+def test_the_module_name_depends_on_the_checkout(monkeypatch, tmp_path):
+    """Two checkouts with equal sources: ninja's command names the source path, so a shared name would
+    make them rebuild each other's module at every alternate start."""
+    a = build.module_name("sgmv", "fused_ops_cpu.cpp", ("-O3",))
+    other = tmp_path / "csrc"
+    other.mkdir()
+    (other / "fused_ops_cpu.cpp").write_bytes((build.CSRC / "fused_ops_cpu.cpp").read_bytes())
+    monkeypatch.setattr(build, "CSRC", other)
+    assert build.module_name("sgmv", "fused_ops_cpu.cpp", ("-O3",)) != a
+
+
 def test_the_module_name_depends_on_flags_and_environment(monkeypatch):
     a = build.module_name("sgmv", "fused_ops_cpu.cpp", ("-O3",))
     assert a == build.module_name("sgmv", "fused_ops_cpu.cpp", ("-O3",))
