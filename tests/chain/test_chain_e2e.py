@@ -11,7 +11,6 @@ moves OPEN to the payee's wallet; a node restarted mid-epoch settles everything 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,9 +24,8 @@ import pytest
 from eth_account import Account
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
-from helpers import ServerProcess  # noqa: E402
+from helpers import ChainUp, ServerProcess  # noqa: E402
 
-from openlora.chain.anvil import free_port  # noqa: E402
 from openlora.chain.authorization import sign_authorization  # noqa: E402
 from openlora.chain.cli import faucet  # noqa: E402
 from openlora.chain.client import Chain, Deployment  # noqa: E402
@@ -48,15 +46,9 @@ def cli(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def chain_up(tmp_path_factory):
-    state = tmp_path_factory.mktemp("chain")
-    proc = subprocess.Popen([*CLI, "chain", "up", "--port", str(free_port()), "--state", str(state)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    line = proc.stdout.readline()
-    assert line, proc.stderr.read()
-    info = json.loads(line)
-    yield info
-    os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(30) == 0
+    up = ChainUp(tmp_path_factory.mktemp("chain"))
+    yield up.info
+    up.stop()
 
 
 @pytest.fixture(scope="module")

@@ -143,3 +143,23 @@ class Gateway:
     def stop(self) -> None:
         stop_process(self.proc, timeout=20)
         self._log.close()
+
+
+class ChainUp:
+    """`openlora chain up` (a local anvil with the contracts deployed) in its own session; `info` is the
+    JSON line it prints (`deployment` is the deployment file); `stop()` ends it with SIGTERM."""
+
+    def __init__(self, state: Path) -> None:
+        from openlora.chain.anvil import free_port as chain_port
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "openlora.cli", "chain", "up", "--port", str(chain_port()),
+                                      "--state", str(state)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True, cwd=ROOT)
+        line = self.proc.stdout.readline()
+        assert line, self.proc.stderr.read()
+        self.info = json.loads(line)
+
+    def stop(self) -> None:
+        os.kill(self.proc.pid, signal.SIGTERM)
+        assert self.proc.wait(30) == 0
+

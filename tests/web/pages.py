@@ -62,3 +62,14 @@ def last_answer(page):
 def wait_done(page, timeout_s: float = ANSWER_S) -> None:
     page.locator('article.msg.assistant[aria-busy="false"]').last.wait_for(timeout=timeout_s * 1000)
     page.get_by_role("button", name="Send").wait_for(timeout=10_000)
+
+
+def open_receipt(page):
+    """Open the last answer's receipt and wait until its payees show; returns the region."""
+    import re
+
+    last_answer(page).get_by_role("button", name="Receipt").click()
+    region = last_answer(page).get_by_role("region", name=re.compile(r"^Receipt 0x"))
+    region.get_by_text("Who was paid").wait_for()
+    return region
+

@@ -20,7 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import ROOT, Gateway, ServerProcess  # noqa: E402
-from pages import Watched, last_answer, send, wait_done  # noqa: E402
+from pages import Watched, last_answer, open_receipt, send, wait_done  # noqa: E402
 
 from openlora.web import CSP  # noqa: E402
 
@@ -78,9 +78,7 @@ def test_chat_streams_stops_regenerates_and_shows_the_receipt(servers, browser):
 
     w.shot("chat")
     # The receipt: fee, inputs, payees, signature checked in the browser, settlement state.
-    page.get_by_role("button", name="Receipt").click()
-    region = page.get_by_role("region", name=re.compile(r"^Receipt 0x"))
-    region.get_by_text("Who was paid").wait_for()
+    region = open_receipt(page)
     text = region.inner_text()
     rid = region.locator("code.hash").inner_text().strip()
     rec = httpx.get(f"{node.url}/v1/receipts/{rid}", timeout=10).json()
@@ -135,9 +133,7 @@ def test_gateway_page_routes_chat_and_draws_the_map(servers, browser):
     page.get_by_label("Adapter", exact=True).select_option("french")
     send(page, "Bonjour !")
     wait_done(page)
-    page.get_by_role("button", name="Receipt").click()
-    region = page.get_by_role("region", name=re.compile(r"^Receipt 0x"))
-    region.get_by_text("Who was paid").wait_for()
+    region = open_receipt(page)
     assert "verifies: signed by node" in region.inner_text()
     page.get_by_role("link", name="Network map").click()
     table = page.get_by_role("table", name="1 node")
@@ -168,9 +164,7 @@ def test_mixing_two_adapters(servers, browser):
         wait_done(page)
         assert last_answer(page).locator(".error").count() == 0, last_answer(page).inner_text()
         assert "pirate×0.7 + french×0.3" in last_answer(page).locator(".who").inner_text()
-        last_answer(page).get_by_role("button", name="Receipt").click()
-        region = last_answer(page).get_by_role("region", name=re.compile(r"^Receipt 0x"))
-        region.get_by_text("Who was paid").wait_for()
+        region = open_receipt(page)
         text = region.inner_text()
         assert "pirate (70%, v1)" in text and "french (30%, v1)" in text, text
         assert ("merge linear" in text) == (strategy == "linear"), text
@@ -219,8 +213,7 @@ def test_accessibility_scan_and_keyboard(servers, browser, view):
         assert page.evaluate("document.activeElement.id") == "message"
         send(page, "Hi")  # scan with an answer and its receipt open
         wait_done(page)
-        page.get_by_role("button", name="Receipt").click()
-        page.get_by_role("region", name=re.compile(r"^Receipt 0x")).get_by_text("Who was paid").wait_for()
+        open_receipt(page)
     page.add_script_tag(path=str(ROOT / "tests" / "web" / "vendor" / "axe.min.js"))
     for theme in ("light", "dark"):
         page.evaluate("t => document.documentElement.dataset.theme = t", theme)
@@ -249,8 +242,7 @@ def test_mobile_width(servers, browser):
     send(page, "Hello")
     wait_done(page)
     fits("chat")
-    page.get_by_role("button", name="Receipt").click()
-    page.get_by_role("region", name=re.compile(r"^Receipt 0x")).get_by_text("Who was paid").wait_for()
+    open_receipt(page)
     fits("receipt")
     for view, name in (("#/explorer", "explorer"), ("#/map", "map")):
         w.open(view)

@@ -5,11 +5,7 @@ settle on chain after the epoch closes; balances are read back with web3.py.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,10 +14,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import ServerProcess  # noqa: E402
-from pages import Watched, send, wait_done  # noqa: E402
+from helpers import ChainUp, ServerProcess  # noqa: E402
+from pages import Watched, open_receipt, send, wait_done  # noqa: E402
 
-from openlora.chain.anvil import free_port  # noqa: E402
 from openlora.chain.client import Chain, Deployment  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real processes, the demo model, a browser or a chain: not in `make test-fast`
@@ -32,20 +27,14 @@ CLI = [sys.executable, "-m", "openlora.cli"]
 
 @pytest.fixture(scope="module")
 def chain_node(tmp_path_factory):
-    state = tmp_path_factory.mktemp("chain")
-    up = subprocess.Popen([*CLI, "chain", "up", "--port", str(free_port()), "--state", str(state)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    line = up.stdout.readline()
-    assert line, up.stderr.read()
-    dep = json.loads(line)["deployment"]
-    tmp = tmp_path_factory.mktemp("node")
+    up = ChainUp(tmp_path_factory.mktemp("chain"))
+    dep = up.info["deployment"]
     node = ServerProcess(["--chain", dep, "--admin-key", ADMIN, "--epoch-seconds", "3600", "--region", "JP",
                           "--location", "35.7,139.7", "--max-model-len", "1024", "--kv-cache-memory", "128MiB"],
-                         tmp, timeout=300.0)
+                         tmp_path_factory.mktemp("node"), timeout=300.0)
     yield {"dep": dep, "node": node}
     node.stop()
-    os.kill(up.pid, signal.SIGTERM)
-    assert up.wait(30) == 0
+    up.stop()
 
 
 def test_the_page_pays_for_its_answers(chain_node, browser):
@@ -87,9 +76,7 @@ def test_the_page_pays_for_its_answers(chain_node, browser):
     page.get_by_role("link", name="Chat", exact=True).click()
     page.get_by_role("button", name="Regenerate").click()
     wait_done(page)
-    page.get_by_role("button", name="Receipt").click()
-    region = page.get_by_role("region", name=re.compile(r"^Receipt 0x"))
-    region.get_by_text("Who was paid").wait_for()
+    region = open_receipt(page)
     rid = region.locator("code.hash").inner_text().strip()
     rec = httpx.get(f"{node.url}/v1/receipts/{rid}", timeout=10).json()
     assert rec["payer"] == payer and rec["fee"] > 0
