@@ -85,7 +85,7 @@ def run(model: Path, root: Path, names: list[str], draw: str, args) -> dict:
     submit, cold = {}, {}
     for i, (ad, p) in enumerate(zip(ads, prompts)):
         rid = f"r{i}"
-        cold[rid] = lora.state_of(lora.get(ad)) not in ("resident", "host", "loading")
+        cold[rid] = lora.card(ad)["state"] not in ("resident", "host", "loading")
         submit[rid] = time.perf_counter()
         eng.add_request(rid, p, sp, adapters=ad)
     ttft: dict[str, float] = {}

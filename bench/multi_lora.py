@@ -93,7 +93,7 @@ def main() -> None:
             names = []
             for i, p in enumerate(paths):
                 name = f"{shape}-{i:02d}"
-                if name not in llm.lora.entries:
+                if llm.lora.card(name) is None:
                     llm.register_adapter(name, str(p))
                 names.append(name)
             # Base-only and mixed-adapter runs alternate round by round (see common.paired_runs).
@@ -113,7 +113,7 @@ def main() -> None:
                    "base_decode_step_ms": base_step, "ratio_vs_own_base": median_ratio(pr["a_wall"], pr["b_wall"]),
                    "ratios_vs_own_base_per_round": [round(a / b, 3) for a, b in zip(pr["a_wall"], pr["b_wall"])],
                    "decode_ratio_vs_own_base": median_ratio(pr["a_step"], pr["b_step"]), **machine, **roof,
-                   "roofline_ratio": step / roof["roofline_step_ms"], "lora_backend": llm.lora.backend.name}
+                   "roofline_ratio": step / roof["roofline_step_ms"], "kernels": llm.engine.runner.plan.describe()}
             # Upper bound on decode_ratio_vs_own_base: even a LoRA path that only streams each distinct
             # adapter's weights once per step at the measured bandwidth (no FLOPs, no overhead) adds
             # adapter_bytes / bandwidth to the measured base step: the LoRA work runs on the same two

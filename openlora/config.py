@@ -173,6 +173,48 @@ class LoRAConfig:
         _check(self, max_loras=1, max_cpu_loras=0, max_lora_rank=1, pool_rows=1)
 
 
+# The kernels each part of a step may run on (openlora.kernels.select); "auto" picks the fastest that
+# works on this machine. A forced choice that cannot run here is an error at start-up, never a fallback.
+KERNEL_CHOICES: dict[str, tuple[str, ...]] = {
+    "linear": ("auto", "amx", "bf16-panels", "f32-panels", "dnnl-packed", "torch"),
+    "lora": ("auto", "cpp", "torch", "triton", "reference"),
+    "attention": ("auto", "paged", "sdpa"),
+    "fused_ops": ("auto", "on", "off"),
+    "layer_loop": ("auto", "cpp", "python"),
+}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Kernel choices for the dense matmuls, SGMV, decode attention, fused elementwise ops and the layer
+    loop (see KERNEL_CHOICES). A/B runs and debugging force one, e.g. `KernelConfig(layer_loop="python")`."""
+
+    linear: str = "auto"
+    lora: str = "auto"
+    attention: str = "auto"
+    fused_ops: str = "auto"
+    layer_loop: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, allowed in KERNEL_CHOICES.items():
+            v = getattr(self, name)
+            if v not in allowed:
+                raise ValueError(f"KernelConfig.{name} must be one of {', '.join(allowed)}, got {v!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "KernelConfig":
+        """'lora=torch,layer_loop=python' (the CLI's --kernels) -> KernelConfig; '' gives all auto."""
+        kw: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in KERNEL_CHOICES:
+                raise ValueError(f"--kernels takes PART=CHOICE pairs with PART in {', '.join(KERNEL_CHOICES)}; "
+                                 f"got {part!r}")
+            kw[key] = value.strip()
+        return cls(**kw)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, built once from user options."""
@@ -183,6 +225,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     num_threads: int | None = None
     seed: int = 0
 

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from openlora.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from openlora.config import CacheConfig, EngineConfig, KernelConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from openlora.engine.llm_engine import AdapterSpec, LLMEngine
 from openlora.outputs import RequestOutput
 from openlora.sampling_params import SamplingParams
@@ -24,9 +24,10 @@ def build_engine_config(model: str | None = None, *, dtype: str = EngineConfig.d
                         max_loras: int = LoRAConfig.max_loras, max_cpu_loras: int = LoRAConfig.max_cpu_loras,
                         max_lora_rank: int = LoRAConfig.max_lora_rank, lora_pool_rows: int | None = None,
                         num_threads: int | None = None, max_waiting: int = SchedulerConfig.max_waiting,
-                        seed: int = EngineConfig.seed) -> EngineConfig:
+                        seed: int = EngineConfig.seed, kernels: KernelConfig | str | None = None) -> EngineConfig:
     """Engine options -> EngineConfig (the defaults are the config dataclasses', which also validate).
-    No model means the built-in demo model (SmolLM2-135M-Instruct)."""
+    No model means the built-in demo model (SmolLM2-135M-Instruct). `kernels` forces kernel choices:
+    a KernelConfig or its text form ('lora=torch,layer_loop=python'); None: all auto."""
     import torch
 
     if model is None:
@@ -42,6 +43,7 @@ def build_engine_config(model: str | None = None, *, dtype: str = EngineConfig.d
         cache=CacheConfig(block_size, kv_cache_memory, num_kv_blocks, enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, mml, max_waiting),
         lora=LoRAConfig(max_loras, max_cpu_loras, max_lora_rank, lora_pool_rows),
+        kernels=KernelConfig.parse(kernels) if isinstance(kernels, str) else (kernels or KernelConfig()),
         num_threads=num_threads, seed=seed,
     )
 

@@ -27,14 +27,15 @@ def test_the_engine_loads_no_consumer_of_its_events():
 
 
 def test_nothing_outside_lora_touches_the_adapter_managers_internals():
-    """The other layers ask LoRAManager (cards, card, snapshot, pool_tensors, ...); its entries,
-    lock, pool, backend and tiers stay inside openlora/lora."""
+    """The other layers (and the benchmarks) ask LoRAManager (cards, card, snapshot, pool_tensors,
+    source_adapter, ...); its entries, lock, pool and tiers stay inside openlora/lora."""
     import re
     from pathlib import Path
 
-    pkg = Path(__file__).resolve().parents[1] / "openlora"
-    reach = re.compile(r"\blora(?:_manager)?\.(entries|lock|pool|backend|_\w+)\b")
-    hits = [f"{p.relative_to(pkg)}:{i}: {line.strip()}"
-            for p in pkg.rglob("*.py") if "lora" not in p.relative_to(pkg).parts[:1]
+    root = Path(__file__).resolve().parents[1]
+    reach = re.compile(r"\blora(?:_manager)?\.(entries|lock|pool|backend|registry|host_cache|slots|_\w+)\b")
+    files = [*(root / "openlora").rglob("*.py"), *(root / "bench").rglob("*.py")]
+    hits = [f"{p.relative_to(root)}:{i}: {line.strip()}"
+            for p in files if p.relative_to(root).parts[:2] != ("openlora", "lora")
             for i, line in enumerate(p.read_text().splitlines(), 1) if reach.search(line)]
     assert not hits, hits

@@ -73,8 +73,8 @@ class AttributionService:
         # checks them against the on-chain registry (raises InvalidRequest naming the adapter).
         self.manifest_check: Callable[[str, Manifest | None], None] | None = None
         self._checked: set[str] = set()  # adapters whose terms manifest_check accepted
-        self._lock = threading.Lock()  # guards the chain head, queue, in-flight map, manifests
-        self._flush_lock = threading.Lock()  # one committer at a time
+        self._lock = threading.Lock()  # guards the chain head, queue, in-flight map, manifests, _epoch_done
+        self._flush_lock = threading.Lock()  # one committer at a time; guards _committed
         self._seq, self._head = self.ledger.head()
         last_epoch = self.epochs.last()
         self._epoch_done = last_epoch.last_seq if last_epoch else 0
@@ -92,7 +92,8 @@ class AttributionService:
         m = self._parse(manifest)
         if self.manifest_check is not None:
             self.manifest_check(adapter_id, m)
-            self._checked.add(adapter_id)
+            with self._lock:
+                self._checked.add(adapter_id)
         if m is not None:
             self._check_base(adapter_id, m)
             with self._lock:
@@ -111,9 +112,13 @@ class AttributionService:
         elif self._lookup is not None:
             raw = self._lookup.get(adapter_id)
         m = self._parse(raw)
-        if self.manifest_check is not None and adapter_id not in self._checked:
-            self.manifest_check(adapter_id, m)  # e.g. an adapter from the hub that is on chain
-            self._checked.add(adapter_id)
+        if self.manifest_check is not None:
+            with self._lock:
+                checked = adapter_id in self._checked
+            if not checked:
+                self.manifest_check(adapter_id, m)  # e.g. an adapter from the hub that is on chain
+                with self._lock:
+                    self._checked.add(adapter_id)
         if m is None:
             return self._base_manifest
         self._check_base(adapter_id, m)
@@ -190,10 +195,12 @@ class AttributionService:
                     with self._lock:
                         for _, r in batch:
                             self._inflight.pop(r.request_id, None)
+                        due = batch[-1][1].seq - self._epoch_done >= self.epochs.epoch_size
                     self._committed = batch[-1][0]
-                    if batch[-1][1].seq - self._epoch_done >= self.epochs.epoch_size:
+                    if due:
                         self._close_epochs()
-        err = self._failed.get(ticket)
+        with self._lock:
+            err = self._failed.get(ticket)
         if err is not None:
             raise LedgerError(f"receipt not recorded: {err}") from err
 
@@ -205,14 +212,19 @@ class AttributionService:
             log.exception("closing an attribution epoch failed")
             return
         if closed:
-            self._epoch_done = closed[-1].last_seq
+            self._epoch_done_at_least(closed[-1].last_seq)
 
     def close_epoch(self) -> Any:
         """Close an epoch now over every committed receipt not yet in one (None if there is none)."""
         ep = self.epochs.close()
         if ep is not None:
-            self._epoch_done = max(self._epoch_done, ep.last_seq)
+            self._epoch_done_at_least(ep.last_seq)
         return ep
+
+    def _epoch_done_at_least(self, seq: int) -> None:
+        """Raise the last receipt seq known to be in a closed epoch (flushes and the close route race)."""
+        with self._lock:
+            self._epoch_done = max(self._epoch_done, seq)
 
     def _fail(self, batch: list[tuple[int, Receipt]], err: BaseException) -> None:
         """A commit failed: fail its receipts and all queued ones built on them; reset the head."""

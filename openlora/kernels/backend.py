@@ -1,17 +1,13 @@
-"""The LoRA backend interface and `select_backend`, the one place a backend is chosen (once, logged)."""
+"""The LoRA (SGMV) backend interface and its implementations by name (chosen in openlora.kernels.select)."""
 
 from __future__ import annotations
 
 import abc
-import logging
 from typing import Any, Callable
 
 import torch
 
-from openlora.config import env
 from openlora.lora.batch import LoRABatch, SiteRows
-
-logger = logging.getLogger("openlora.kernels")
 
 BACKEND_NAMES = ("reference", "torch", "cpp", "triton")
 
@@ -64,8 +60,9 @@ class ReferenceBackend(LoRABackend):
         sgmv_reference(y, x, a, bt, batch, site)
 
 
-def _make(name: str) -> LoRABackend:
-    """Build the backend `name`; raises if it cannot work here."""
+def make_backend(name: str) -> LoRABackend:
+    """Build the backend `name` (reference, torch, cpp or triton); raises if it cannot work here.
+    openlora.kernels.select chooses which."""
     if name == "reference":
         return ReferenceBackend()
     if name == "torch":
@@ -80,36 +77,4 @@ def _make(name: str) -> LoRABackend:
         from openlora.kernels.triton_lora import TritonBackend
 
         return TritonBackend()
-    raise ValueError(f"OPENLORA_LORA_BACKEND={name!r}; expected one of {', '.join(BACKEND_NAMES)}")
-
-
-def select_backend(device: torch.device) -> LoRABackend:
-    """Choose the LoRA backend for `device` once, at start-up, and log the choice.
-
-    OPENLORA_LORA_BACKEND=reference|torch|cpp|triton forces one (an error if it cannot be built).
-    Otherwise: CUDA with triton importable -> triton (else torch); CPU -> the C++ extension, compiled on
-    first use, falling back to the pure-torch path if compilation fails (the reason is logged).
-    """
-    device = torch.device(device)
-    forced = env("OPENLORA_LORA_BACKEND")
-    if forced:
-        backend = _make(forced.strip().lower())
-        logger.info("LoRA backend %s for %s (forced by OPENLORA_LORA_BACKEND)", backend.name, device)
-        return backend
-    if device.type == "cuda":
-        try:
-            backend = _make("triton")
-        except ImportError as e:
-            logger.warning("triton unavailable (%s); LoRA uses the pure-torch backend on %s", e, device)
-            backend = _make("torch")
-    elif device.type == "cpu":
-        try:
-            backend = _make("cpp")
-        except Exception as e:  # noqa: BLE001 - any build failure means: use the fallback, and say why
-            logger.warning("C++ SGMV extension unavailable (%s: %s); LoRA uses the slower pure-torch backend",
-                           type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
-            backend = _make("torch")
-    else:
-        backend = _make("torch")
-    logger.info("LoRA backend %s for %s", backend.name, device)
-    return backend
+    raise ValueError(f"LoRA backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}")

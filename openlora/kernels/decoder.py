@@ -13,10 +13,8 @@ backends other than our packed kernels) keep the Python loop.
     stack.forward_lora(h, cos, sin, slots, block_table, seq_lens, token_idx, seg_indptr, sites, mm_min_tokens)
         sites: per LORA_SITES entry None or [a, bt, row_idx, row_indptr, row_scale] (pool tensors of all layers)
 
-Measured on the bf16 bench workload (AMD VM, A/B in one process, /tmp script alternating the two loops):
-2.47 -> 2.36 s per run, decode step 29.6 -> 28.0 ms.
-
-OPENLORA_DECODER_LOOP=python keeps the Python loop for every step (A/B runs, debugging).
+KernelConfig(layer_loop="python") (`--kernels layer_loop=python`) keeps the Python loop for every step
+(A/B runs, debugging); openlora.kernels.select decides.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
-from openlora.config import env
 from openlora.kernels.build import build_extension, try_build
 
 # The kernel sources the unity build compiles in (their contents name the module: see build_extension).
@@ -39,7 +36,5 @@ def load_extension() -> ModuleType:
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether the C++ loop is built and not switched off; logs the reason once when it cannot build."""
-    if env("OPENLORA_DECODER_LOOP", "cpp") == "python":
-        return False
+    """Whether the C++ loop builds here; logs the reason once when it cannot."""
     return try_build(load_extension, "decoder loop", "the decoder layers run in the Python loop")

@@ -52,79 +52,114 @@ def available() -> bool:
     return try_build(load_extension, "fused ops", "using torch composites")
 
 
-@functools.lru_cache(maxsize=None)
-def _ext() -> ModuleType | None:
-    """The loaded extension, or None when it cannot be built (then every op runs its composite)."""
-    return load_extension() if available() else None
-
-
 # --- fused entry points -----------------------------------------------------------------------------------
 # NOTE: the extension checks device, dtype, shapes and strides itself and returns None (rope_: False) when
 # its inputs are outside its domain; the composite then runs (and raises the errors). Checking in Python
 # would cost about twice the call itself (bench/RESULTS.md).
 
 
+class FusedOps:
+    """The fused ops through one choice made at start-up (openlora.kernels.select): the C++ extension
+    `ext`, or None for the torch composites everywhere (`fused_ops=off`, or no extension here)."""
+
+    def __init__(self, ext: ModuleType | None) -> None:
+        self.ext = ext
+
+    @property
+    def enabled(self) -> bool:
+        return self.ext is not None
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm of x [T, h] (row stride free) with weight [h] -> new contiguous [T, h] (see module doc)."""
+        ext = self.ext
+        if ext is not None:
+            out = ext.rms_norm(x, weight, eps)
+            if out is not None:
+                return out
+        return rms_norm_ref(x, weight, eps)
+
+    def add_rms_norm_(self, h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """h += delta in place (h, delta [T, hd]), then return rms_norm(h, weight, eps) as a new [T, hd]."""
+        ext = self.ext
+        if ext is not None:
+            out = ext.add_rms_norm_(h, delta, weight, eps)
+            if out is not None:
+                return out
+        h.add_(delta)
+        return rms_norm_ref(h, weight, eps)
+
+    def rope_(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate t [T, heads, d] (a view; row/head strides free) in place with cos/sin [T, d]; returns t."""
+        ext = self.ext
+        if ext is None or not ext.rope_(t, cos, sin):
+            t.copy_(rope_ref(t, cos, sin))
+        return t
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """silu(gu[:, :i]) * gu[:, i:] for gu [T, 2i] (row stride free) -> new contiguous [T, i]."""
+        ext = self.ext
+        if ext is not None:
+            out = ext.silu_mul(gu)
+            if out is not None:
+                return out
+        return silu_mul_ref(gu)
+
+    def write_kv_(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+        """Store k, v [T, KVH, d] at the flat cache rows slot_mapping [T] of k_cache/v_cache [nb, bs, KVH, d]."""
+        ext = self.ext
+        if ext is None or not ext.write_kv_(k_cache, v_cache, k, v, slot_mapping):
+            write_kv_ref(k_cache, v_cache, k, v, slot_mapping)
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """torch.argmax(x, dim=1) for x [B, V] fp32/bf16 (row stride free) -> int64 [B], same result
+        (first maximum; NaN counts as the maximum, as in torch)."""
+        ext = self.ext
+        if ext is not None:
+            out = ext.argmax_rows(x)
+            if out is not None:
+                return out
+        return x.argmax(dim=1)
+
+
+COMPOSITES = FusedOps(None)  # the torch composites: the fallback, and fused_ops=off
+
+
+@functools.lru_cache(maxsize=None)
+def default_ops() -> FusedOps:
+    """The extension when it builds here, else the composites (what `fused_ops=auto` selects)."""
+    return FusedOps(load_extension() if available() else None)
+
+
+# Module-level forms of the ops over default_ops() (kernel tests, benchmarks).
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of x [T, h] (row stride free) with weight [h] -> new contiguous [T, h] (see module doc)."""
-    ext = _ext()
-    if ext is not None:
-        out = ext.rms_norm(x, weight, eps)
-        if out is not None:
-            return out
-    return rms_norm_ref(x, weight, eps)
+    return default_ops().rms_norm(x, weight, eps)
 
 
 def add_rms_norm_(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """h += delta in place (h, delta [T, hd]), then return rms_norm(h, weight, eps) as a new [T, hd]."""
-    ext = _ext()
-    if ext is not None:
-        out = ext.add_rms_norm_(h, delta, weight, eps)
-        if out is not None:
-            return out
-    h.add_(delta)
-    return rms_norm_ref(h, weight, eps)
+    return default_ops().add_rms_norm_(h, delta, weight, eps)
 
 
 def rope_(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate t [T, heads, d] (a view; row/head strides free) in place with cos/sin [T, d]; returns t."""
-    ext = _ext()
-    if ext is None or not ext.rope_(t, cos, sin):
-        t.copy_(rope_ref(t, cos, sin))
-    return t
+    return default_ops().rope_(t, cos, sin)
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
-    """silu(gu[:, :i]) * gu[:, i:] for gu [T, 2i] (row stride free) -> new contiguous [T, i]."""
-    ext = _ext()
-    if ext is not None:
-        out = ext.silu_mul(gu)
-        if out is not None:
-            return out
-    return silu_mul_ref(gu)
+    return default_ops().silu_mul(gu)
 
 
 def write_kv_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               slot_mapping: torch.Tensor) -> None:
-    """Store k, v [T, KVH, d] at the flat cache rows slot_mapping [T] of k_cache/v_cache [nb, bs, KVH, d]."""
-    ext = _ext()
-    if ext is None or not ext.write_kv_(k_cache, v_cache, k, v, slot_mapping):
-        write_kv_ref(k_cache, v_cache, k, v, slot_mapping)
+    default_ops().write_kv_(k_cache, v_cache, k, v, slot_mapping)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
-    """torch.argmax(x, dim=1) for x [B, V] fp32/bf16 (row stride free) -> int64 [B], same result
-    (first maximum; NaN counts as the maximum, as in torch)."""
-    ext = _ext()
-    if ext is not None:
-        out = ext.argmax_rows(x)
-        if out is not None:
-            return out
-    return x.argmax(dim=1)
+    return default_ops().argmax(x)
 
 
 def set_min_parallel_elems(n: int) -> None:
     """Calls touching fewer than n elements (rows x row length) run on the calling thread (bench knob)."""
-    ext = _ext()
+    ext = default_ops().ext
     if ext is not None:
         ext.set_min_parallel_elems(int(n))
 

@@ -15,10 +15,9 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from openlora.errors import InvalidRequest
-from openlora.lora.adapter import compute_content_hash, load_peft_adapter
+from openlora.errors import AdapterNotFound, InvalidRequest
+from openlora.lora.adapter import compute_content_hash
 from openlora.lora.merge import check_ranks, merge_adapters, validate_params
-from openlora.lora.sources import fetch, parse_source
 
 _FIELDS = {"adapters", "weights", "strategy", "density", "majority_sign_method", "svd_rank", "svd_clamp", "seed"}
 
@@ -87,14 +86,8 @@ class MergeService:
         self.lock = threading.Lock()
         self.stats = {"merges_built": 0, "merge_cache_hits": 0, "merge_requests": 0}
 
-    def _source_identity(self, aid: str) -> str:
-        e = self.manager.get(aid)  # raises AdapterNotFound (404)
-        # Content hash once known; before the first load, the registration itself (re-registering
-        # an id creates a new entry, so a stale merge is never reused).
-        return e.content_hash or f"{aid}@{e.source}@{id(e)}"
-
     def key(self, spec: MergeSpec) -> str:
-        doc = {"v": 1, "sources": [self._source_identity(a) for a in spec.adapters],
+        doc = {"v": 1, "sources": [self.manager.identity(a) for a in spec.adapters],
                "weights": list(spec.weights), **spec.params()}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -104,16 +97,17 @@ class MergeService:
         with self.lock:
             self.stats["merge_requests"] += 1
         for aid in spec.adapters:
-            self.manager.get(aid)
+            if self.manager.card(aid) is None:
+                raise AdapterNotFound(f"adapter {aid!r} is not registered")
         if spec.strategy == "cat":
             return list(zip(spec.adapters, spec.weights))
-        hosts = [self.manager.get(a).host for a in spec.adapters]
+        hosts = [self.manager.host_copy(a) for a in spec.adapters]
         if all(h is not None for h in hosts):
             check_ranks(hosts, spec.strategy)  # immediate 400 when the sources are already in memory
         mid = f"merge:{self.key(spec)[:24]}"
         with self.lock:
-            existing = self.manager.entries.get(mid)
-            if existing is not None and not existing.unregistered and existing.error is None:
+            existing = self.manager.card(mid)
+            if existing is not None and existing["state"] != "failed":
                 self.stats["merge_cache_hits"] += 1
             else:
                 self.manager.register(mid, f"merge of {', '.join(spec.adapters)}",
@@ -122,15 +116,7 @@ class MergeService:
 
     def _build(self, spec: MergeSpec, mid: str):
         """Runs on an adapter-load worker: load the sources (host copy if present), merge, hash."""
-        sources = []
-        for aid in spec.adapters:
-            e = self.manager.get(aid)
-            ad = e.host
-            if ad is None:
-                path = fetch(parse_source(e.source), self.manager.cache_root)
-                ad = load_peft_adapter(path, aid, self.manager.shape)
-                e.content_hash = e.content_hash or ad.content_hash
-            sources.append(ad)
+        sources = [self.manager.source_adapter(aid) for aid in spec.adapters]
         merged = merge_adapters(sources, list(spec.weights), spec.strategy, density=spec.density,
                                 majority_sign_method=spec.majority_sign_method, svd_rank=spec.svd_rank,
                                 svd_clamp=spec.svd_clamp, seed=spec.seed, new_id=mid)

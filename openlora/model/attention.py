@@ -1,20 +1,13 @@
-"""Paged attention over a flattened batch: writes new K/V into the block cache, then decode
-sequences attend in one batched call and prefill chunks one call each (causal with offset)."""
+"""Paged attention over a flattened batch (new K/V already written into the block cache): row-wise query
+rows attend in one batched call, other prefill chunks one call each (causal with offset)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from openlora.kernels import attention_cpu, fused_ops
+from openlora.kernels import attention_cpu
 from openlora.worker.forward_context import AttentionMetadata
-
-
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k_cache/v_cache: [num_blocks, block_size, kv_heads, d]; k/v: [T, kv_heads, d]. The C++ copy
-    declines non-CPU tensors, which then take index_copy_ (as the other fused ops do)."""
-    fused_ops.write_kv_(k_cache, v_cache, k, v, slot_mapping)
 
 
 def causal_mask(start: int, q_len: int, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -38,7 +31,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     kvh = k.shape[1]
     out = torch.empty(T, H, d, dtype=q.dtype, device=q.device)
     nd = meta.num_rowwise
-    if nd and meta.fused_decode:
+    if nd and meta.paged_kernel:
         # C++ flash-decoding over the block table: no gathered copy of K/V.
         attention_cpu.paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_table,
                                              meta.decode_seq_lens, scale, meta.window, out=out[:nd])

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from openlora.config import LORA_SITES, ModelConfig
-from openlora.kernels import attention_cpu, decoder, fused_ops
-from openlora.model.attention import paged_attention, write_kv
-from openlora.model.linear import Linear, linear_backend
+from openlora.kernels import decoder
+from openlora.model.attention import paged_attention
+from openlora.model.linear import Linear
 from openlora.model.loader import CheckpointReader
 from openlora.model.rope import inv_frequencies
 from openlora.worker.forward_context import ForwardContext, LoRAContext
@@ -50,32 +50,32 @@ class DecoderLayer(nn.Module):
         """h [T, hidden]: the residual stream, updated in place; resid: the previous layer's MLP
         output still to be added (None for layer 0). Returns (h, down); the next layer adds down."""
         T = h.shape[0]
-        q_sz, kv_sz, lc, li = self.q_size, self.kv_size, ctx.lora, self.idx
+        q_sz, kv_sz, lc, li, ops = self.q_size, self.kv_size, ctx.lora, self.idx, ctx.ops
         if resid is None:
-            x = fused_ops.rms_norm(h, self.input_norm, self.eps)
+            x = ops.rms_norm(h, self.input_norm, self.eps)
         else:
-            x = fused_ops.add_rms_norm_(h, resid, self.input_norm, self.eps)  # h += resid
+            x = ops.add_rms_norm_(h, resid, self.input_norm, self.eps)  # h += resid
         qkv = self.qkv(x)  # [T, q + 2kv]
         if lc is not None:  # (slicing costs a few us per view: skipped when the batch has no adapters)
             _lora(lc, "q_proj", li, qkv[:, :q_sz], x)
             _lora(lc, "k_proj", li, qkv[:, q_sz:q_sz + kv_sz], x)
             _lora(lc, "v_proj", li, qkv[:, q_sz + kv_sz:], x)
         # Rotate the q and k heads in place in the qkv buffer: [T, H + KVH, d].
-        qk = fused_ops.rope_(qkv[:, :q_sz + kv_sz].view(T, self.num_heads + self.num_kv_heads, self.head_dim),
-                             ctx.cos, ctx.sin)
+        qk = ops.rope_(qkv[:, :q_sz + kv_sz].view(T, self.num_heads + self.num_kv_heads, self.head_dim),
+                       ctx.cos, ctx.sin)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, q_sz + kv_sz:].view(T, self.num_kv_heads, self.head_dim)
-        write_kv(k_cache, v_cache, k, v, ctx.attn.slot_mapping)
+        ops.write_kv_(k_cache, v_cache, k, v, ctx.attn.slot_mapping)
         o = paged_attention(q, k, v, k_cache, v_cache, ctx.attn, self.scale)  # [T, q]
         attn_out = self.o(o)
         if lc is not None:
             _lora(lc, "o_proj", li, attn_out, o)
-        x = fused_ops.add_rms_norm_(h, attn_out, self.post_norm, self.eps)  # h += attn_out
+        x = ops.add_rms_norm_(h, attn_out, self.post_norm, self.eps)  # h += attn_out
         gu = self.gate_up(x)  # [T, 2i]
         if lc is not None:
             _lora(lc, "gate_proj", li, gu[:, :self.inter], x)
             _lora(lc, "up_proj", li, gu[:, self.inter:], x)
-        act = fused_ops.silu_mul(gu)  # [T, i]
+        act = ops.silu_mul(gu)  # [T, i]
         down = self.down(act)
         if lc is not None:
             _lora(lc, "down_proj", li, down, act)
@@ -97,36 +97,29 @@ class LlamaModel(nn.Module):
         self.lm_head_proj: Linear | None = None  # set by load_weights
         self.register_buffer("inv_freq", inv_frequencies(cfg), persistent=False)
         # The layer loop in C++ for row-wise steps, LoRA included (openlora.kernels.decoder), over the KV
-        # caches and weights it was bound to (bind_kv_cache); None when it cannot run here.
+        # caches and weights it was bound to (bind_kv_cache); None unless the kernel plan chose it.
         self.stack = None
         self._stack_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def bind_kv_cache(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-        """Build the C++ layer loop over these per-layer (k_cache, v_cache) when every piece it needs runs
-        here (CPU, our packed GEMM backend, the fused-ops, attention and loop extensions). Returns whether
-        it did; steps it cannot take keep the Python loop either way."""
-        self.stack, self._stack_kv = None, None
-        backend = self.layers[0].qkv.backend if len(self.layers) else None
-        if (self.embed.device.type != "cpu" or backend not in decoder.BACKENDS or not fused_ops.available()
-                or not attention_cpu.available() or not decoder.available()):
-            return False
+    def bind_kv_cache(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Build the C++ layer loop over these per-layer (k_cache, v_cache) and the packed weights. Only
+        when the kernel plan chose it (layer_loop=cpp: CPU, our packed GEMM, the fused-ops and paged
+        attention extensions); the runner then sends it the steps it can take (ForwardContext.cpp_loop)."""
         c = self.cfg
         stack = decoder.load_extension().DecoderStack(
-            backend, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps,
-            c.head_dim ** -0.5, c.sliding_window or 0, self.norm)
+            self.layers[0].qkv.backend, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
+            c.rms_norm_eps, c.head_dim ** -0.5, c.sliding_window or 0, self.norm)
         for layer, (kc, vc) in zip(self.layers, kv_caches):
             stack.add_layer(layer.input_norm, layer.post_norm, layer.qkv.weight, layer.qkv.bias, layer.o.weight,
                             layer.gate_up.weight, layer.down.weight, kc, vc)
         self.stack, self._stack_kv = stack, kv_caches
-        return True
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden] (normed)."""
         h = F.embedding(input_ids, self.embed)  # a fresh tensor: safe to update in place
         a, lc = ctx.attn, ctx.lora
-        if (self.stack is not None and kv_caches is self._stack_kv and not a.prefills and a.fused_decode
-                and 0 < a.num_rowwise == h.shape[0] and (lc is None or lc.backend.name == "cpp")):
+        if ctx.cpp_loop and self.stack is not None and kv_caches is self._stack_kv:
             # Every row attends through the paged kernel: all layers in one C++ call (same kernels, same result).
             args = (h, ctx.cos, ctx.sin, a.slot_mapping, a.decode_block_table, a.decode_seq_lens)
             if lc is None or lc.batch.empty:
@@ -139,8 +132,8 @@ class LlamaModel(nn.Module):
         for layer, (kc, vc) in zip(self.layers, kv_caches):
             h, resid = layer(h, resid, ctx, kc, vc)
         if resid is None:  # a model with no layers
-            return fused_ops.rms_norm(h, self.norm, self.cfg.rms_norm_eps)
-        return fused_ops.add_rms_norm_(h, resid, self.norm, self.cfg.rms_norm_eps)
+            return ctx.ops.rms_norm(h, self.norm, self.cfg.rms_norm_eps)
+        return ctx.ops.add_rms_norm_(h, resid, self.norm, self.cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] (matmul in the model dtype, as transformers does), widened to fp32
@@ -149,12 +142,12 @@ class LlamaModel(nn.Module):
         return out.float() if fp32 else out
 
     @torch.no_grad()
-    def load_weights(self, reader: CheckpointReader) -> None:
-        """Copy checkpoint tensors in, fusing q/k/v and gate/up. Drops the C++ layer loop, which holds the
-        previous packed weights: bind_kv_cache builds it again."""
+    def load_weights(self, reader: CheckpointReader, backend: str) -> None:
+        """Copy checkpoint tensors in, fusing q/k/v and gate/up, packed for the linear `backend`
+        (openlora.model.linear). Drops the C++ layer loop, which holds the previous packed weights:
+        bind_kv_cache builds it again."""
         self.stack, self._stack_kv = None, None
         g = reader.get
-        backend = linear_backend(self.embed.device, self.dtype)
         self.embed.copy_(g("model.embed_tokens.weight"))
         self.norm.copy_(g("model.norm.weight"))
         if not self.cfg.tie_word_embeddings:
@@ -174,10 +167,10 @@ class LlamaModel(nn.Module):
         self.lm_head_proj = Linear(self.lm_head.detach(), None, backend)
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaModel:
-    """Build the model on `device` and load its checkpoint."""
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, linear: str) -> LlamaModel:
+    """Build the model on `device` and load its checkpoint, packed for the linear backend `linear`."""
     reader = CheckpointReader(cfg.path, dtype)
     with torch.device(device):
         model = LlamaModel(cfg, dtype)
-    model.load_weights(reader)
+    model.load_weights(reader, linear)
     return model.eval()

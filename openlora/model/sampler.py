@@ -223,11 +223,14 @@ def compute_prompt_logprobs(logits: torch.Tensor, target_ids: list[int], k: int)
 class Sampler:
     """Samples one token per row of a [B, V] logits batch (see the module docstring for semantics).
 
-    `generator` drives the shared draw of unseeded rows (None: torch's global RNG).
+    `generator` drives the shared draw of unseeded rows (None: torch's global RNG); `argmax` is the
+    kernel plan's row argmax (default: the fused op when it builds here).
     """
 
-    def __init__(self, generator: torch.Generator | None = None) -> None:
+    def __init__(self, generator: torch.Generator | None = None,
+                 argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.generator = generator
+        self.argmax = argmax or fused_ops.argmax
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
@@ -244,7 +247,7 @@ class Sampler:
         # Fast path: plain greedy decoding is one argmax, on the logits in the model's dtype (widening
         # bf16 to fp32 is exact and order-preserving, so the argmax is the same as after .float()).
         if all(greedy) and not penalty_idx and not min_tok_idx and not lp_idx:
-            return SamplerOutput(fused_ops.argmax(logits).tolist(), [None] * batch)
+            return SamplerOutput(self.argmax(logits).tolist(), [None] * batch)
 
         logits = logits.to(torch.float32, copy=True)  # [B, V] fp32; never modify the caller's tensor
         raw_logprobs = torch.log_softmax(logits[lp_idx], dim=-1) if lp_idx else None  # [R, V]
@@ -257,7 +260,7 @@ class Sampler:
         tokens = torch.empty(batch, dtype=torch.long, device=device)  # [B]
         greedy_idx = [i for i in range(batch) if greedy[i]]
         if greedy_idx:
-            tokens[greedy_idx] = fused_ops.argmax(logits[greedy_idx])
+            tokens[greedy_idx] = self.argmax(logits[greedy_idx])
         sample_idx = [i for i in range(batch) if not greedy[i]]
         if len(sample_idx) == batch:
             tokens = self._sample(logits, rows)  # no row gather: `logits` is already our copy

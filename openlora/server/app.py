@@ -101,8 +101,8 @@ def build_state(opts: ServeOptions) -> ServerState:
                                      max_waiting=opts.max_waiting)
     engine = async_engine.engine
     lora = engine.lora
-    log.info("model %s (served as %r) on %s, dtype %s, LoRA backend %s", config.model.path, model_id,
-             config.device, config.dtype, lora.backend_name)
+    log.info("model %s (served as %r) on %s, dtype %s, kernels %s", config.model.path, model_id,
+             config.device, config.dtype, engine.runner.plan.describe())
     metrics = Metrics()
     state = ServerState(engine=async_engine, lora=lora, model_id=model_id,
                         metrics=metrics, api_keys=dict(opts.api_keys), admin_key=opts.admin_key,

@@ -8,7 +8,7 @@ import logging
 import re
 import signal
 
-from openlora.config import DTYPES, CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
+from openlora.config import DTYPES, KERNEL_CHOICES, CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 
 log = logging.getLogger("openlora.server")
 
@@ -73,6 +73,10 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    help="e.g. 1GiB, 512MiB or bytes")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--kernels", default="", metavar="PART=CHOICE,...",
+                   help="force kernel choices (A/B runs, debugging), e.g. layer_loop=python,lora=torch; parts: "
+                        + "; ".join(f"{k} ({'|'.join(v)})" for k, v in KERNEL_CHOICES.items())
+                        + ". Default: auto for each; a forced choice that cannot run here is an error")
     p.add_argument("--max-waiting", type=int, default=SchedulerConfig.max_waiting,
                    help="queued requests beyond this get 429")
     p.add_argument("--api-key", action="append", default=[], metavar="[ID=]KEY",
@@ -111,7 +115,7 @@ def run_serve(args: argparse.Namespace) -> int:
                     max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs, seed=args.seed,
                     max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                     kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-                    num_threads=args.num_threads, max_waiting=args.max_waiting),
+                    num_threads=args.num_threads, max_waiting=args.max_waiting, kernels=args.kernels),
         max_waiting=args.max_waiting, api_keys=keys, admin_key=args.admin_key,
         attribution=not args.no_attribution, ledger=args.ledger, node_key=args.node_key,
         grace_period=args.grace_period, chain=args.chain, epoch_seconds=args.epoch_seconds, region=args.region,

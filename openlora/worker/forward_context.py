@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from openlora.kernels.fused_ops import FusedOps
 from openlora.lora.batch import LoRABatch
 
 
@@ -36,7 +37,7 @@ class AttentionMetadata:
     prefills: list[PrefillSeq] = field(default_factory=list)
     decode_seq_lens: torch.Tensor | None = None  # int64 [num_rowwise]: row i sees keys [0, len) (position + 1)
     window: int | None = None  # sliding window (keys > position - window); None = full causal
-    fused_decode: bool = False  # decode rows use the C++ paged kernel (reads K/V in place)
+    paged_kernel: bool = False  # row-wise rows use the C++ paged kernel (reads K/V in place), else SDPA
 
 
 @dataclass
@@ -55,4 +56,6 @@ class ForwardContext:
     cos: torch.Tensor  # [T, head_dim] model dtype
     sin: torch.Tensor
     attn: AttentionMetadata
+    ops: FusedOps  # the kernel plan's fused elementwise ops
     lora: LoRAContext | None = None
+    cpp_loop: bool = False  # all layers in the C++ loop this step (KernelPlan.cpp_loop_for)

@@ -9,7 +9,7 @@ import torch
 
 from openlora.config import EngineConfig
 from openlora.core.scheduler import ScheduledRequest, SchedulerOutput
-from openlora.kernels import attention_cpu
+from openlora.kernels.select import KernelPlan, select_kernels
 from openlora.model.attention import causal_mask
 from openlora.model.llama import LlamaModel, load_model
 from openlora.model.rope import rope_cos_sin
@@ -60,19 +60,17 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
-        self.model: LlamaModel = load_model(config.model, self.dtype, self.device)
+        self.plan: KernelPlan = select_kernels(config.kernels, self.device, self.dtype)
+        self.model: LlamaModel = load_model(config.model, self.dtype, self.device, self.plan.linear)
         m, bs = config.model, config.cache.block_size
         self.block_size = bs
         # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
         self.kv = torch.zeros(m.num_layers, 2, num_blocks, bs, m.num_kv_heads, m.head_dim,
                               dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(m.num_layers)]
-        log.info("decoder layers: %s", "C++ loop for row-wise steps" if self.model.bind_kv_cache(self.kv_caches)
-                 else "Python loop")
-        self.sampler = Sampler()
-        # Decode attention backend, chosen once: the C++ paged kernel on CPU when it builds.
-        self.fused_decode = self.device.type == "cpu" and attention_cpu.available()
-        log.info("decode attention: %s", "C++ paged kernel" if self.fused_decode else "gather + SDPA")
+        if self.plan.layer_loop == "cpp":
+            self.model.bind_kv_cache(self.kv_caches)
+        self.sampler = Sampler(argmax=self.plan.ops.argmax)
         self.generators: dict[str, torch.Generator] = {}
         self.lora = lora  # openlora.lora.manager.LoRAManager or None
         # Tests set this to a list to receive (request_id, fp32 logits [vocab]) of every sampled row.
@@ -105,7 +103,7 @@ class ModelRunner:
 
     def _row_wise(self, n: int) -> bool:
         """Whether a sequence's n query tokens go to the row-wise paged attention call."""
-        return n == 1 or (self.fused_decode and n <= FUSED_PREFILL_MAX_TOKENS)
+        return n == 1 or (self.plan.paged_attention and n <= FUSED_PREFILL_MAX_TOKENS)
 
     def _prepare(self, seqs: list[ScheduledRequest]) -> tuple[ForwardContext, torch.Tensor, list[int]]:
         bs, dev = self.block_size, self.device
@@ -142,7 +140,7 @@ class ModelRunner:
             width = max(len(t) for t in decode_tables)
             table = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev)
             lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
-            if not self.fused_decode:  # SDPA path: padding (and window) mask over gathered keys
+            if not self.plan.paged_attention:  # SDPA path: padding (and window) mask over gathered keys
                 kpos = torch.arange(width * bs, device=dev)[None, :]
                 m = kpos < lens[:, None]
                 if window is not None:
@@ -153,14 +151,16 @@ class ModelRunner:
         attn = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_rowwise=nd, decode_block_table=table, decode_mask=mask, prefills=prefills,
-            decode_seq_lens=lens, window=window, fused_decode=self.fused_decode,
+            decode_seq_lens=lens, window=window, paged_kernel=self.plan.paged_attention,
         )
         lora_ctx = None
         if self.lora is not None:
             batch = self.lora.build_batch(seqs, q_starts, len(ids))
             if batch is not None:
-                lora_ctx = LoRAContext(batch, *self.lora.pool_tensors())
-        ctx = ForwardContext(positions=positions, cos=cos, sin=sin, attn=attn, lora=lora_ctx)
+                lora_ctx = LoRAContext(batch, *self.lora.pool_tensors(), self.plan.lora)
+        cpp_loop = self.plan.cpp_loop_for(len(ids), nd, bool(prefills), lora_ctx is not None)
+        ctx = ForwardContext(positions=positions, cos=cos, sin=sin, attn=attn, ops=self.plan.ops, lora=lora_ctx,
+                             cpp_loop=cpp_loop)
         return ctx, torch.tensor(ids, dtype=torch.long, device=dev), q_starts
 
     def _sample(self, seqs: list[ScheduledRequest], hidden: torch.Tensor, q_starts: list[int]) -> RunnerOutput:

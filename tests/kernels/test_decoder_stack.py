@@ -9,13 +9,13 @@ import torch
 from tiny_models import ARCHS
 
 from openlora import LLM, SamplingParams
-from openlora.kernels import decoder
-from openlora.model.linear import linear_backend
+from openlora.config import KernelConfig
+from openlora.kernels.select import select_kernels
 from openlora.worker import model_runner
 
 
 def _loop_runs_here(dtype: torch.dtype) -> bool:
-    return decoder.available() and linear_backend(torch.device("cpu"), dtype) in decoder.BACKENDS
+    return select_kernels(KernelConfig(), "cpu", dtype).layer_loop == "cpp"
 
 
 class CountingStack:
@@ -109,7 +109,7 @@ def test_cpp_loop_with_lora_bit_identical_to_python_loop(tiny_model_factory, tmp
              "mlp": dict(r=16, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"])}
     for i, (name, kw) in enumerate(specs.items()):
         llm.register_adapter(name, _save_adapter(path, tmp_path / name, 10 + i, **kw))
-    assert llm.lora.backend.name == "cpp"
+    assert llm.engine.runner.plan.lora.name == "cpp"
     adapters = ["all", [("attn", 0.5), ("mlp", 1.5)], None, "mlp"]
     model = llm.engine.runner.model
     stack = CountingStack(model.stack)
@@ -134,11 +134,13 @@ def test_cpp_loop_takes_every_row_wise_step(tiny_model_factory):
     assert stack.calls == llm.engine.stats["steps"]  # every chunk is short: all steps in C++
 
 
-def test_no_cpp_loop_with_other_linear_backends(tiny_model_factory, monkeypatch):
-    """With a linear backend whose weights the loop cannot use (here plain F.linear), the model keeps the
-    Python loop and still generates."""
-    monkeypatch.setenv("OPENLORA_LINEAR_BACKEND", "torch")
-    llm = LLM(str(tiny_model_factory("llama")), dtype="float32", block_size=4, num_kv_blocks=64)
-    assert llm.engine.runner.model.stack is None
+def test_no_cpp_loop_with_other_linear_backends(tiny_model_factory):
+    """With a linear backend whose weights the loop cannot use (here plain F.linear), the plan keeps the
+    Python loop and the model still generates; forcing the C++ loop then is a start-up error."""
+    path = str(tiny_model_factory("llama"))
+    llm = LLM(path, dtype="float32", block_size=4, num_kv_blocks=64, kernels="linear=torch")
+    assert llm.engine.runner.plan.layer_loop == "python" and llm.engine.runner.model.stack is None
     out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
+    with pytest.raises(ValueError, match="layer_loop=cpp cannot run here: it needs linear in"):
+        LLM(path, dtype="float32", block_size=4, num_kv_blocks=64, kernels="linear=torch,layer_loop=cpp")

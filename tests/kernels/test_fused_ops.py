@@ -172,8 +172,10 @@ def test_unsupported_inputs_use_composite():
 
 
 def test_fallback_without_extension(monkeypatch):
-    """With no extension the wrappers run the composites, with the same in-place semantics."""
-    monkeypatch.setattr(fo, "_ext", lambda: None)
+    """With no extension (fused_ops=off, or none built) the ops run the composites, with the same in-place
+    semantics."""
+    monkeypatch.setattr(fo, "default_ops", lambda: fo.COMPOSITES)
+    assert not fo.COMPOSITES.enabled
     T, h = 5, 64
     hid = rand(T, h, dtype=torch.bfloat16, seed=1)
     delta = rand(T, h, dtype=torch.bfloat16, seed=2)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from openlora.kernels import select_backend, sgmv_reference
+from openlora.kernels import sgmv_reference
 from openlora.kernels.backend import LoRABackend
 from openlora.lora.batch import LoRABatch, SiteRows
 
@@ -208,18 +208,6 @@ def test_cpp_rejects_bad_metadata() -> None:
     batch.sites["q_proj"].row_idx[0] = 10_000
     with pytest.raises(RuntimeError):
         backend.sgmv(y, x, pool.a, pool.bt, batch, "q_proj")
-
-
-def test_select_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENLORA_LORA_BACKEND", "torch")
-    assert select_backend(torch.device("cpu")).name == "torch"
-    monkeypatch.setenv("OPENLORA_LORA_BACKEND", "reference")
-    assert select_backend(torch.device("cpu")).name == "reference"
-    monkeypatch.setenv("OPENLORA_LORA_BACKEND", "nonsense")
-    with pytest.raises(ValueError):
-        select_backend(torch.device("cpu"))
-    monkeypatch.delenv("OPENLORA_LORA_BACKEND")
-    assert select_backend(torch.device("cpu")).name in ("cpp", "torch")
 
 
 # ---- Triton, through its CPU interpreter ----------------------------------------------------------------

@@ -93,11 +93,11 @@ def run_step_by_step(llm: LLM, work, bad: str | None = None):
     """Submit everything, step until done; check the pool bound after every step and the LRU rule at
     every eviction. Returns {index: RequestOutput}."""
     eng, lora = llm.engine, llm.lora
-    evict = lora._evict_one
+    evict = lora.slots._evict_one
     checked = []
 
     def checked_evict(now, keep):
-        idle = [x for x in lora._resident if not x.holders and not x.waiting and not x.pinned and x not in keep]
+        idle = [x for x in lora.slots._resident if not x.holders and not x.waiting and not x.pinned and x not in keep]
         expect = min(idle, key=lambda x: x.last_used).adapter_id if idle else None
         n = len(lora.eviction_log)
         ok = evict(now, keep)
@@ -106,7 +106,7 @@ def run_step_by_step(llm: LLM, work, bad: str | None = None):
             assert lora.eviction_log[n] == expect, "device eviction must pick the LRU idle adapter"
         return ok
 
-    lora._evict_one = checked_evict
+    lora.slots._evict_one = checked_evict
     sched = eng.scheduler.schedule
 
     def schedule():
@@ -127,7 +127,7 @@ def run_step_by_step(llm: LLM, work, bad: str | None = None):
         steps += 1
         assert lora.num_resident() <= MAX_LORAS
         assert steps < 20000
-    lora._evict_one = evict
+    lora.slots._evict_one = evict
     eng.scheduler.schedule = sched
     return final, checked
 
@@ -157,7 +157,7 @@ def test_2000_adapters_mixed_workload(world, tmp_path):
             assert out.outputs[0].finish_reason == "error" and out.error and bad in out.error
         else:
             assert out.error is None and out.outputs[0].finish_reason == "length", (i, out.error)
-    assert llm.lora.state_of(llm.lora.get(bad)) == "failed"
+    assert llm.lora.card(bad)["state"] == "failed"
     snap = llm.lora.snapshot()
     assert snap["resident"] <= MAX_LORAS and snap["host"] <= MAX_CPU
     assert snap["adapters"][bad]["state"] == "failed"

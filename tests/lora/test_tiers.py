@@ -4,7 +4,6 @@ unregister while serving, and an s3:// adapter equal to the same adapter from a 
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 from test_many_adapters import write_random_adapter
 from test_sources import free_port, moto_url, s3, upload  # noqa: F401  (fixtures)
 
-import openlora.lora.manager as manager_mod
+import openlora.lora.host_cache as host_cache_mod
 from openlora import LLM, SamplingParams
 from openlora.config import ModelConfig
 from openlora.errors import AdapterNotFound
@@ -68,14 +67,14 @@ def solo(model: Path, root: Path, name: str, prompt: list[int], n: int) -> list[
 def test_slow_load_does_not_block_other_adapters(tiny, monkeypatch):
     model, root, _ = tiny
     gate = threading.Event()
-    real = manager_mod.load_peft_adapter
+    real = host_cache_mod.load_peft_adapter
 
     def slow(path, adapter_id, *a, **kw):
         if adapter_id == "C":
             assert gate.wait(60), "the test never released the slow load"
         return real(path, adapter_id, *a, **kw)
 
-    monkeypatch.setattr(manager_mod, "load_peft_adapter", slow)
+    monkeypatch.setattr(host_cache_mod, "load_peft_adapter", slow)
     llm = make_llm(model, root, "ABC", max_loras=3)
     eng = llm.engine
     eng.add_request("c0", [5, 6, 7], greedy(4), adapters="C")
@@ -97,7 +96,7 @@ def test_slow_load_does_not_block_other_adapters(tiny, monkeypatch):
             assert time.monotonic() < deadline
     finally:
         gate_after = not gate.is_set()
-    assert gate_after and "c0" not in done and llm.lora.state_of(llm.lora.get("C")) == "loading"
+    assert gate_after and "c0" not in done and llm.lora.card("C")["state"] == "loading"
     assert llm.lora.snapshot()["adapters"]["C"]["waiting"] == 1
     gate.set()
     done.update(drain(llm))
@@ -108,7 +107,7 @@ def test_slow_load_does_not_block_other_adapters(tiny, monkeypatch):
 def test_lru_eviction_order_and_pinned(tiny):
     model, root, _ = tiny
     llm = make_llm(model, root, "ABCDE", max_loras=3)
-    llm.lora.get("E").pinned = True
+    llm.lora.pin("E")
     run = lambda name: llm.generate([[4, 5, 6]], greedy(2), adapters=name)  # noqa: E731
     for name in "EABA":  # E pinned; LRU among idle: B then A
         run(name)
@@ -117,8 +116,8 @@ def test_lru_eviction_order_and_pinned(tiny):
     run("D")  # evicts A
     run("B")  # evicts C
     assert llm.lora.eviction_log == ["B", "A", "C"]
-    assert llm.lora.state_of(llm.lora.get("E")) == "resident"
-    assert llm.lora.state_of(llm.lora.get("A")) == "host"
+    assert llm.lora.card("E")["state"] == "resident"
+    assert llm.lora.card("A")["state"] == "host"
     llm.lora.shutdown()
 
 
@@ -127,15 +126,15 @@ def test_host_cache_bounded_prefetch_no_thrash(tiny):
     llm = make_llm(model, root, "ABCDEFGH", max_loras=1, max_cpu_loras=3)
     lora = llm.lora
     dropped_with_queue = []
-    drop = lora._drop_one_host
+    drop = lora.host_cache._drop_one
 
     def watched():
-        before = set(lora._host)
+        before = set(lora.host_cache._lru)
         ok = drop()
-        dropped_with_queue.extend(x for x in before - set(lora._host) if x.waiting)
+        dropped_with_queue.extend(x for x in before - set(lora.host_cache._lru) if x.waiting)
         return ok
 
-    lora._drop_one_host = watched
+    lora.host_cache._drop_one = watched
     for i, name in enumerate("ABCDEFGH" * 2):
         llm.engine.add_request(f"r{i}", [3, 4, 5 + i], greedy(3), adapters=name)
     # Bounded by time, not steps (as drain() above): a step with nothing runnable returns at once, so
@@ -145,7 +144,7 @@ def test_host_cache_bounded_prefetch_no_thrash(tiny):
         if not llm.engine.step():
             time.sleep(0.002)
         with lora.lock:
-            assert len(lora._host) + lora._num_loading <= 3
+            assert len(lora.host_cache) + lora.host_cache.num_loading <= 3
         assert time.monotonic() < deadline, "requests did not finish"
     assert dropped_with_queue == []
     # Each adapter loaded from disk exactly once: a prefetched copy is kept until its queue is served.
@@ -163,13 +162,11 @@ def test_fairness_under_flood(tiny):
         llm = make_llm(model, root, "ABC", max_loras=2, max_num_seqs=4)
         lora = llm.lora
         lora.clock = lambda: tick[0]  # one "second" per step: slices in steps
-        cfg = lora.config
-        lora.config = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler,
-                                                                            adapter_time_slice_s=slice_steps))
+        lora.slots.time_slice_s = slice_steps
         eng = llm.engine
         lora.prefetch("ABC")  # all in host memory first: the test is about slots, not load timing
         deadline = time.monotonic() + 60
-        while any(lora.state_of(lora.get(n)) != "host" for n in "ABC"):
+        while any(lora.card(n)["state"] != "host" for n in "ABC"):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         for i in range(60):
@@ -213,13 +210,13 @@ def test_failures_are_isolated_and_retried(tiny, tmp_path):
     for name, o in zip(names, outs):
         if name in ("wrong", "missing"):
             assert o.outputs[0].finish_reason == "error" and o.error
-            assert llm.lora.state_of(llm.lora.get(name)) == "failed"
+            assert llm.lora.card(name)["state"] == "failed"
         else:
             assert o.error is None and len(o.outputs[0].token_ids) == 3
     assert "shape" in outs[1].error and "later" in outs[3].error
     write_random_adapter(tmp_path / "later", s.num_layers, s.site_dims("q_proj"), s.site_dims("v_proj"), 3, seed=2)
     again = llm.generate([[3, 4, 5]], greedy(3), adapters="missing")[0]
-    assert again.error is None and llm.lora.state_of(llm.lora.get("missing")) == "resident"
+    assert again.error is None and llm.lora.card("missing")["state"] == "resident"
     llm.lora.shutdown()
 
 
@@ -242,7 +239,7 @@ def test_unregister_while_serving(tiny):
     assert all(final[r].error is None for r in ("a0", "a1", "b0", "a3"))
     assert final["a0"].outputs[0].token_ids == solo(model, root, "A", [3, 4, 5], 6)
     assert final["a3"].outputs[0].token_ids == solo(model, root, "C", [3, 4, 5], 6)
-    assert llm.lora.num_resident() <= 2 and sum(len(v) for v in llm.lora.pool.free.values()) > 0
+    assert llm.lora.num_resident() <= 2 and sum(len(v) for v in llm.lora.slots.pool.free.values()) > 0
     llm.lora.shutdown()
 
 
@@ -253,7 +250,7 @@ def test_s3_adapter_generates_like_local(tiny, s3, tmp_path, monkeypatch):  # no
     files = {p.name: p.read_bytes() for p in (root / "D").iterdir()}
     upload(s3, "tier-adapters", "team/D", files)
     llm = make_llm(model, root, "D", max_loras=2)
-    llm.lora.cache_root = tmp_path / "cache" / "adapters"
+    llm.lora.host_cache.cache_root = tmp_path / "cache" / "adapters"
     from openlora.lora.sources import files_hash
 
     llm.lora.register("remote", "s3://tier-adapters/team/D", expected_hash=files_hash(root / "D"))

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openlora.kernels.gemm import AMX, BF16, F32
-from openlora.model.linear import Linear, _probe_packed, linear_backend
+from openlora.kernels.select import linear_usable
+from openlora.model.linear import Linear
 
 CASES = [("torch", torch.float32), ("mm-t", torch.float32), ("dnnl-packed", torch.float32),
          ("dnnl-packed", torch.bfloat16), ("amx", torch.bfloat16), ("f32-panels", torch.float32),
@@ -19,15 +19,7 @@ CASES = [("torch", torch.float32), ("mm-t", torch.float32), ("dnnl-packed", torc
 
 
 def usable(backend: str, dtype: torch.dtype) -> bool:
-    if backend == "dnnl-packed":
-        return torch.backends.mkldnn.is_available() and _probe_packed(dtype)
-    if backend == "amx":
-        return AMX.available()
-    if backend == "f32-panels":
-        return F32.available()
-    if backend == "bf16-panels":
-        return BF16.available()
-    return True
+    return backend == "mm-t" or linear_usable(backend, torch.device("cpu"), dtype) is None
 
 
 @pytest.mark.parametrize("backend,dtype", CASES, ids=[f"{b}-{str(d)[6:]}" for b, d in CASES])
@@ -49,12 +41,3 @@ def test_backend_matches_f_linear(backend: str, dtype: torch.dtype, bias: bool, 
     else:
         mag = x.double().abs() @ w.double().abs().t() + (b.double().abs() if b is not None else 0.0)
         assert bool(((got.double() - ref).abs() <= ref.abs() * 2.0 ** -8 + 1e-5 * mag).all())
-
-
-def test_default_choice_is_logged_once_and_forced_by_env(monkeypatch) -> None:
-    cpu = torch.device("cpu")
-    expected = ("amx" if AMX.available() else "bf16-panels" if BF16.available()
-                else "dnnl-packed" if usable("dnnl-packed", torch.bfloat16) else "torch")
-    assert linear_backend(cpu, torch.bfloat16) == expected
-    monkeypatch.setenv("OPENLORA_LINEAR_BACKEND", "torch")
-    assert linear_backend(cpu, torch.bfloat16) == "torch"

@@ -100,8 +100,8 @@ def test_bfloat16_close_to_hf(tiny_model_factory):
 def test_gather_sdpa_decode_path_matches_hf(tiny_model_factory):
     """The portable decode path (gather + SDPA, used on GPUs or when the C++ kernel is missing)."""
     path = tiny_model_factory("mistral")
-    llm = LLM(str(path), dtype="float32", block_size=4, num_kv_blocks=128)
-    llm.engine.runner.fused_decode = False
+    llm = LLM(str(path), dtype="float32", block_size=4, num_kv_blocks=128, kernels="attention=sdpa")
+    assert not llm.engine.runner.plan.paged_attention
     cap: list = []
     llm.engine.runner.capture_logits = cap
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
@@ -109,6 +109,17 @@ def test_gather_sdpa_decode_path_matches_hf(tiny_model_factory):
     for rid, row in cap:
         rows.setdefault(int(rid.split("-")[1]), []).append(row)
     check_against_hf(load_hf(path), PROMPTS, outs, rows)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_portable_kernel_plan_matches_hf(tiny_model_factory, arch):
+    """Every part of the plan forced to its portable path (F.linear, torch SGMV, gather + SDPA, torch
+    composites, Python loop: what a machine without our extensions runs) still matches transformers."""
+    path = tiny_model_factory(arch)
+    kernels = "linear=torch,lora=torch,attention=sdpa,fused_ops=off,layer_loop=python"
+    llm, outs, logits = engine_run(path, PROMPTS, 10, block_size=4, num_kv_blocks=128, kernels=kernels)
+    assert llm.engine.runner.plan.describe() == "linear=torch lora=torch attention=sdpa fused=off loop=python"
+    check_against_hf(load_hf(path), PROMPTS, outs, logits)
 
 
 def test_sliding_window_matches_hf(tiny_model_factory):
@@ -128,5 +139,5 @@ def test_row_wise_and_sdpa_prefill_chunks_in_one_batch(tiny_model_factory, monke
     monkeypatch.setattr(model_runner, "FUSED_PREFILL_MAX_TOKENS", 8)
     path = tiny_model_factory("qwen2")
     llm, outs, logits = engine_run(path, PROMPTS, 10, block_size=4, num_kv_blocks=128)
-    assert llm.engine.runner.fused_decode
+    assert llm.engine.runner.plan.paged_attention
     check_against_hf(load_hf(path), PROMPTS, outs, logits)
