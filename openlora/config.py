@@ -168,9 +168,10 @@ class LoRAConfig:
     max_cpu_loras: int = 128  # adapters kept in host memory
     max_lora_rank: int = 64
     pool_rows: int | None = None  # rank rows per projection in the device pool (default max_loras * 16)
+    max_adapter_bytes: int = 4 << 30  # an adapter's weights file (and an S3 download) may not be larger
 
     def __post_init__(self) -> None:
-        _check(self, max_loras=1, max_cpu_loras=0, max_lora_rank=1, pool_rows=1)
+        _check(self, max_loras=1, max_cpu_loras=0, max_lora_rank=1, pool_rows=1, max_adapter_bytes=1)
 
 
 # The kernels each part of a step may run on (openlora.kernels.select); "auto" picks the fastest that

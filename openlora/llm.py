@@ -23,6 +23,7 @@ def build_engine_config(model: str | None = None, *, dtype: str = EngineConfig.d
                         enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
                         max_loras: int = LoRAConfig.max_loras, max_cpu_loras: int = LoRAConfig.max_cpu_loras,
                         max_lora_rank: int = LoRAConfig.max_lora_rank, lora_pool_rows: int | None = None,
+                        max_adapter_bytes: int = LoRAConfig.max_adapter_bytes,
                         num_threads: int | None = None, max_waiting: int = SchedulerConfig.max_waiting,
                         seed: int = EngineConfig.seed, kernels: KernelConfig | str | None = None) -> EngineConfig:
     """Engine options -> EngineConfig (the defaults are the config dataclasses', which also validate).
@@ -42,7 +43,7 @@ def build_engine_config(model: str | None = None, *, dtype: str = EngineConfig.d
         model=mc, dtype=dtype, device=device,
         cache=CacheConfig(block_size, kv_cache_memory, num_kv_blocks, enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, mml, max_waiting),
-        lora=LoRAConfig(max_loras, max_cpu_loras, max_lora_rank, lora_pool_rows),
+        lora=LoRAConfig(max_loras, max_cpu_loras, max_lora_rank, lora_pool_rows, max_adapter_bytes),
         kernels=KernelConfig.parse(kernels) if isinstance(kernels, str) else (kernels or KernelConfig()),
         num_threads=num_threads, seed=seed,
     )

@@ -51,8 +51,10 @@ class Request:
     """One sequence being generated.
 
     `adapters` is empty for the base model, one entry for a plain adapter request, several for a
-    weighted composition. `cache_salt` (adapter content hashes + tenant) keys the prefix cache, so KV
-    is never shared across adapters or tenants.
+    weighted composition. `cache_salt` (adapter content hashes and weights + the cache scope) keys the
+    prefix cache, so KV is never shared across adapters, weights or tenants. The server derives the
+    scope from the authenticated tenant (openlora.server.state.ServerState.cache_scope); a client's own
+    salt can only narrow it.
     """
 
     request_id: str
@@ -62,6 +64,7 @@ class Request:
     max_tokens: int = 16  # resolved: never exceeds the model's context
     adapters: tuple[AdapterUse, ...] = ()
     tenant: str = ""
+    cache_scope: str | None = None  # prefix-cache namespace; None: the tenant alone
     arrival_time: float = field(default_factory=time.monotonic)
     seed: int | None = None  # resolved per sample (n > 1 gives seed + index)
     status: RequestStatus = RequestStatus.WAITING
@@ -79,9 +82,9 @@ class Request:
 
     @property
     def cache_salt(self) -> str:
-        """Namespace for prefix-cache keys: adapter content hashes with weights, plus the tenant."""
+        """Namespace for prefix-cache keys: adapter content hashes with weights, plus the cache scope."""
         parts = [f"{a.content_hash}*{a.weight!r}" for a in self.adapters]
-        return "|".join(parts) + "#" + self.tenant
+        return "|".join(parts) + "#" + (self.tenant if self.cache_scope is None else self.cache_scope)
 
     @property
     def lora_key(self) -> tuple[tuple[str, float], ...]:

@@ -144,9 +144,13 @@ class AttributionService:
                 f"base_model: adapter {adapter_id!r} was trained for {m.base_model!r}, "
                 f"this node serves {self.base_model_id!r}")
 
+    def permits(self, adapter_id: str, payer: str | None, api_key_id: str | None = None) -> bool:
+        """Whether the manifest's access policy admits the payer or the API-key id."""
+        return self.manifest(adapter_id).access.permits(payer, api_key_id)
+
     def check_access(self, adapter_id: str, payer: str | None, api_key_id: str | None = None) -> None:
         """Raise AccessDenied (403) unless the manifest's access policy admits the payer or key."""
-        if not self.manifest(adapter_id).access.permits(payer, api_key_id):
+        if not self.permits(adapter_id, payer, api_key_id):
             raise AccessDenied(f"access to adapter {adapter_id!r} is restricted by its owner")
 
     # ---------------------------------------------------------------------------------- record

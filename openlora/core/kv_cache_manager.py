@@ -40,8 +40,9 @@ class KVCacheManager:
 
     def get_computed_blocks(self, req: Request) -> tuple[list[int], int]:
         """Longest cached prefix of full blocks: (block ids, tokens they cover). At least one token
-        is always left to compute, so the request still produces logits."""
-        if not self.pool.enable_caching:
+        is always left to compute, so the request still produces logits. A request that asks for prompt
+        logprobs takes no hit: every prompt position must be computed to score it (as vLLM does)."""
+        if not self.pool.enable_caching or req.sampling_params.prompt_logprobs is not None:
             return [], 0
         max_blocks = (req.num_tokens - 1) // self.block_size
         hashes = self._hashes_upto(req, max_blocks, [])

@@ -1,7 +1,8 @@
 """Token-budget scheduler with no tensors in it (vLLM v1 style).
 
 Each step gives every running request `min(tokens still to compute, budget left)` and then admits
-waiting requests FCFS while budget, sequence slots, KV blocks and adapter slots allow. There are no
+waiting requests FCFS while budget, sequence slots, KV blocks and adapter slots allow (round robin
+across tenants when several wait, and across adapters when more want slots than exist). There are no
 prefill/decode modes: chunked prefill and mixed batches fall out of the budget. When blocks run out a
 running request is preempted (its blocks freed, recomputed later from scratch).
 """
@@ -80,6 +81,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._step_no = 0
         self._last_admit: dict[tuple, int] = {}  # adapter mix -> step of its last admission (fairness)
+        self._tenant_admit: dict[str, int] = {}  # tenant -> step of its last admission (fairness)
 
     # ---- queue management -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -193,6 +195,7 @@ class Scheduler:
             order = sorted(self.waiting, key=lambda r: (share.get(r.lora_key, 0), last.get(r.lora_key, -1)))
         else:
             order = list(self.waiting)
+        order = self._round_robin_tenants(order)
         # Adapter mixes refused this step: later requests with the same mix are skipped without
         # asking the gate again (refusals hold for the whole step; with thousands of queued requests
         # this keeps the admission scan a set lookup per request). Skipping keeps FCFS per adapter.
@@ -230,11 +233,38 @@ class Scheduler:
             self.running.append(req)
             removed.add(req.request_id)
             self._last_admit[key] = self._step_no
+            self._tenant_admit[req.tenant] = self._step_no
             out.scheduled.append(ScheduledRequest(req, n, num_hit, self.kv.block_ids(req.request_id)))
             budget -= n
         if removed:  # the rest keep their arrival order
             self.waiting = deque(r for r in self.waiting if r.request_id not in removed)
         out.num_batched_tokens = sum(s.num_new_tokens for s in out.scheduled)
+        return out
+
+    def _round_robin_tenants(self, order: list[Request]) -> list[Request]:
+        """Fairness across tenants: one request per tenant in turn (the tenant with the fewest running
+        requests first, then the one admitted longest ago), each tenant's own requests in `order`. So a
+        flooding tenant cannot take every freed slot while another tenant waits. One tenant: unchanged."""
+        queues: dict[str, deque[Request]] = {}
+        for r in order:
+            q = queues.get(r.tenant)
+            if q is None:
+                q = queues[r.tenant] = deque()
+            q.append(r)
+        if len(queues) < 2:
+            return order
+        running: dict[str, int] = {}
+        for r in self.running:
+            running[r.tenant] = running.get(r.tenant, 0) + 1
+        if len(self._tenant_admit) > 4 * len(queues) + 64:  # forget departed tenants
+            live = set(queues) | set(running)
+            self._tenant_admit = {t: v for t, v in self._tenant_admit.items() if t in live}
+        tenants = sorted(queues, key=lambda t: (running.get(t, 0), self._tenant_admit.get(t, -1)))
+        out: list[Request] = []
+        while tenants:
+            for t in tenants:
+                out.append(queues[t].popleft())
+            tenants = [t for t in tenants if queues[t]]
         return out
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:

@@ -60,6 +60,7 @@ class _Add:
     merge: dict | None
     queue: asyncio.Queue
     future: Future
+    cache_scope: str | None = None
 
 
 @dataclass
@@ -161,7 +162,7 @@ class AsyncEngine:
     # ---- loop-side API ----------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
                           adapters: AdapterSpec = None, tenant: str = "", merge: dict | None = None,
-                          queue: asyncio.Queue | None = None) -> asyncio.Queue:
+                          queue: asyncio.Queue | None = None, cache_scope: str | None = None) -> asyncio.Queue:
         """Queue a request; returns the asyncio.Queue its outputs arrive on (several requests may
         share one queue: outputs carry their request_id). Raises what LLMEngine.add_request raises,
         Overloaded when the waiting queue is full, ShuttingDown while draining."""
@@ -169,7 +170,7 @@ class AsyncEngine:
             raise ShuttingDown("the server is shutting down")
         q = queue if queue is not None else asyncio.Queue()
         fut: Future = Future()
-        self._post(_Add(request_id, prompt, params, adapters, tenant, merge, q, fut))
+        self._post(_Add(request_id, prompt, params, adapters, tenant, merge, q, fut, cache_scope))
         try:
             await asyncio.wrap_future(fut)
         except asyncio.CancelledError:  # caller went away while we queued: do not run it for nobody
@@ -246,12 +247,17 @@ class AsyncEngine:
                     if eng.num_waiting() >= self.max_waiting:
                         raise Overloaded(f"too many queued requests ({eng.num_waiting()}); retry later")
                     eng.add_request(it.request_id, it.prompt, it.params, adapters=it.adapters,
-                                    tenant=it.tenant, merge=it.merge)
+                                    tenant=it.tenant, merge=it.merge, cache_scope=it.cache_scope)
                 except BaseException as e:  # goes back to the caller, who answers 4xx
+                    log.debug("request %s refused: %s", it.request_id, type(e).__name__)
                     it.future.set_exception(e)
                 else:
                     self._queues[it.request_id] = it.queue
                     it.future.set_result(None)
+                    # Counts and ids only: no prompt or output text is ever logged, at any level.
+                    g = eng.groups[it.request_id]
+                    log.debug("request %s queued: %d prompt tokens, n=%d, adapters %s", it.request_id,
+                              len(g.prompt_token_ids), it.params.n, [u.adapter_id for u in g.children[0].adapters])
             elif isinstance(it, _Abort):
                 if it.request_id in eng.groups:
                     eng.abort_request(it.request_id)

@@ -59,8 +59,10 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
-                    adapters: AdapterSpec = None, tenant: str = "", merge: dict | None = None) -> None:
-        """Validate and queue a request. Raises InvalidRequest / RequestTooLong / AdapterNotFound."""
+                    adapters: AdapterSpec = None, tenant: str = "", merge: dict | None = None,
+                    cache_scope: str | None = None) -> None:
+        """Validate and queue a request. Raises InvalidRequest / RequestTooLong / AdapterNotFound.
+        `tenant` is who pays (receipts); `cache_scope` the prefix-cache namespace (default: the tenant)."""
         if request_id in self.groups:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -99,7 +101,7 @@ class LLMEngine:
             cid = request_id if params.n == 1 else f"{request_id}#{i}"
             children.append(Request(
                 request_id=cid, prompt_token_ids=ids, sampling_params=params, eos_token_ids=self.eos_token_ids,
-                max_tokens=max_tokens, adapters=uses, tenant=tenant,
+                max_tokens=max_tokens, adapters=uses, tenant=tenant, cache_scope=cache_scope,
                 seed=None if params.seed is None else params.seed + i,
             ))
             detoks.append(IncrementalDetokenizer(

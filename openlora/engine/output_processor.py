@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from openlora.core.scheduler import Scheduler
 from openlora.engine.detokenizer import IncrementalDetokenizer
@@ -128,7 +129,7 @@ class OutputProcessor:
                   else "aborted" if RequestStatus.FINISHED_ABORTED in statuses else "finished")
         first = g.children[0]
         ev = UsageEvent(
-            request_id=g.request_id, tenant=g.tenant, base_model=self.engine.config.model.path,
+            request_id=g.request_id, tenant=g.tenant, base_model=Path(self.engine.config.model.path).name,
             base_model_hash=self.engine.base_model_hash,
             adapters=self._usage_adapters(g, first),
             prompt_tokens=len(g.prompt_token_ids), cached_tokens=max(0, first.num_cached_tokens),

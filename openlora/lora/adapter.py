@@ -33,12 +33,15 @@ import torch
 
 from openlora.config import LORA_SITES, ModelShape
 from openlora.errors import AdapterLoadError, UnsupportedAdapter
+from openlora.lora.file_checks import check_safetensors, check_size
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
+MAX_CONFIG_BYTES = 16 << 20
+DEFAULT_MAX_ADAPTER_BYTES = 4 << 30  # LoRAConfig.max_adapter_bytes (--max-adapter-bytes)
 
 # Which submodule of a decoder layer owns each projection (Llama / Mistral / Qwen2 naming).
 SITE_PARENT = {
@@ -133,6 +136,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise AdapterLoadError(f"adapter folder {folder} does not exist")
     if not cfg_path.is_file():
         raise AdapterLoadError(f"adapter folder {folder} has no {CONFIG_NAME}")
+    check_size(cfg_path, MAX_CONFIG_BYTES)
     try:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -142,21 +146,24 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return cfg
 
 
-def _read_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    """The weights file and its tensors (safetensors preferred, else torch.load(weights_only=True))."""
+def _read_tensors(folder: Path, max_bytes: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The weights file and its tensors (safetensors preferred, else torch.load(weights_only=True)),
+    checked before anything is allocated: size, and a safetensors header that fits its file."""
     st, bn = folder / SAFETENSORS_NAME, folder / BIN_NAME
     try:
         if st.is_file():
             from safetensors.torch import load_file
 
+            check_safetensors(st, max_bytes)
             return st, load_file(str(st), device="cpu")
         if bn.is_file():
+            check_size(bn, max_bytes)
             sd = torch.load(str(bn), map_location="cpu", weights_only=True)
             if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
                 raise AdapterLoadError(f"{bn} does not hold a flat dict of tensors")
             return bn, sd
-    except AdapterLoadError:
-        raise
+    except AdapterLoadError as e:  # the checks above: say where
+        raise AdapterLoadError(f"cannot read adapter weights in {folder}: {e}") from e
     except Exception as e:  # corrupt file, pickle refused by weights_only, truncated safetensors...
         raise AdapterLoadError(f"cannot read adapter weights in {folder}: {type(e).__name__}: {e}") from e
     raise AdapterLoadError(f"adapter folder {folder} has neither {SAFETENSORS_NAME} nor {BIN_NAME}")
@@ -191,8 +198,60 @@ def _check_config_features(cfg: dict[str, Any], cfg_path: Path) -> None:
                 )
     elif tm is not None and not isinstance(tm, str):
         raise AdapterLoadError(f"{where}: target_modules must be a list or a string, got {tm!r}")
-    if not isinstance(cfg.get("r", 8), int) or cfg.get("r", 8) < 1:
-        raise AdapterLoadError(f"{where}: r must be a positive integer, got {cfg.get('r')!r}")
+    _check_config_types(cfg, where)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+def _check_regex(value: Any, field: str, where: str) -> None:
+    try:
+        re.compile(value)
+    except (re.error, TypeError) as e:
+        raise AdapterLoadError(f"{where}: {field} {value!r} is not a valid regular expression: {e}") from e
+
+
+def _check_config_types(cfg: dict[str, Any], where: str) -> None:
+    """Every field the loader reads has the type PEFT writes (a hostile or corrupt config is a clear
+    AdapterLoadError, never a TypeError or re.error from deep inside the loader)."""
+    r = cfg.get("r", 8)
+    if not _is_int(r) or r < 1:
+        raise AdapterLoadError(f"{where}: r must be a positive integer, got {r!r}")
+    if not _is_num(cfg.get("lora_alpha", 8)):
+        raise AdapterLoadError(f"{where}: lora_alpha must be a number, got {cfg.get('lora_alpha')!r}")
+    tm = cfg.get("target_modules")
+    if isinstance(tm, str) and tm != "all-linear":
+        _check_regex(tm, "target_modules", where)
+    elif isinstance(tm, (list, tuple)) and not all(isinstance(t, str) for t in tm):
+        raise AdapterLoadError(f"{where}: target_modules must list module names, got {tm!r}")
+    ex = cfg.get("exclude_modules")
+    if isinstance(ex, str):
+        _check_regex(ex, "exclude_modules", where)
+    elif ex is not None and not (isinstance(ex, (list, tuple)) and all(isinstance(e, str) for e in ex)):
+        raise AdapterLoadError(f"{where}: exclude_modules must be a string or a list of names, got {ex!r}")
+    for field, ok in (("rank_pattern", lambda v: _is_int(v) and v >= 1), ("alpha_pattern", _is_num)):
+        pat = cfg.get(field)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict) or not all(isinstance(k, str) and ok(v) for k, v in pat.items()):
+            raise AdapterLoadError(f"{where}: {field} must map module names to numbers, got {pat!r}")
+        for key in pat:
+            _check_regex(rf"(.*\.)?({key})$", f"{field} key", where)
+    layers = cfg.get("layers_to_transform")
+    if layers is not None and not (_is_int(layers) or (isinstance(layers, list) and all(_is_int(x) for x in layers))):
+        raise AdapterLoadError(f"{where}: layers_to_transform must be an integer or a list of them, got {layers!r}")
+    lp = cfg.get("layers_pattern")
+    if lp is not None and not (isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(x, str) for x in lp))):
+        raise AdapterLoadError(f"{where}: layers_pattern must be a string or a list of them, got {lp!r}")
+    for p in ([lp] if isinstance(lp, str) else lp or []):
+        _check_regex(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", "layers_pattern", where)
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise AdapterLoadError(f"{where}: use_rslora must be true or false, got {cfg.get('use_rslora')!r}")
 
 
 def _targets(cfg: dict[str, Any], module: str) -> bool:
@@ -276,19 +335,21 @@ def _group_keys(sd: dict[str, torch.Tensor], wpath: Path) -> dict[str, dict[str,
 
 
 def load_peft_adapter(
-    path: str | Path, adapter_id: str, shape: ModelShape, *, expected_base_model: str | None = None
+    path: str | Path, adapter_id: str, shape: ModelShape, *, expected_base_model: str | None = None,
+    max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
 ) -> LoRAAdapter:
     """Parse a PEFT LoRA folder into fp32 host tensors, checked against the served model's shape.
 
     Raises UnsupportedAdapter (DoRA, embed_tokens / lm_head, bias, modules_to_save, other targets) or
     AdapterLoadError (missing files, bad JSON, shape or layer mismatches; messages name file and key).
-    A differing `expected_base_model` only logs a warning (see the module NOTE).
+    A differing `expected_base_model` only logs a warning (see the module NOTE). A weights file above
+    `max_bytes`, a malformed safetensors header, or NaN / infinite values are AdapterLoadError too.
     """
     folder = Path(path)
     cfg = _read_config(folder)
     cfg_path = folder / CONFIG_NAME
     _check_config_features(cfg, cfg_path)
-    wpath, sd = _read_tensors(folder)
+    wpath, sd = _read_tensors(folder, max_bytes)
     groups = _group_keys(sd, wpath)
 
     r_default: int = cfg.get("r", 8)
@@ -325,6 +386,9 @@ def load_peft_adapter(
                     f"{wpath}: key {key!r} has shape {tuple(t.shape)}, expected {want} "
                     f"(r={r}, {site} in/out features {in_f}/{out_f})"
                 )
+        for key, t in ((ka, a), (kb, b)):
+            if not torch.isfinite(t).all():
+                raise AdapterLoadError(f"{wpath}: key {key!r} holds NaN or infinite values")
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
         modules[(layer, site)] = LoRAModule(
             a=a.detach().to(torch.float32).contiguous(), b=b.detach().to(torch.float32).contiguous(),
@@ -370,7 +434,7 @@ def infer_shape(paths: list[str | Path]) -> ModelShape:
         folder = Path(p)
         cfg = _read_config(folder)
         _check_config_features(cfg, folder / CONFIG_NAME)
-        wpath, sd = _read_tensors(folder)
+        wpath, sd = _read_tensors(folder, DEFAULT_MAX_ADAPTER_BYTES)
         for module, parts in _group_keys(sd, wpath).items():
             site = module.split(".")[-1]
             layer = _layer_index(module, cfg.get("layers_pattern"))

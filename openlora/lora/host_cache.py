@@ -21,7 +21,7 @@ from pathlib import Path
 
 from openlora.config import ModelShape
 from openlora.errors import AdapterLoadError, OpenLoRAError
-from openlora.lora.adapter import LoRAAdapter, load_peft_adapter
+from openlora.lora.adapter import DEFAULT_MAX_ADAPTER_BYTES, LoRAAdapter, load_peft_adapter
 from openlora.lora.entry import AdapterEntry, AdapterState
 from openlora.lora.pool import PackedAdapter
 from openlora.lora.sources import fetch, parse_source
@@ -33,13 +33,15 @@ class HostCache:
     """Packed adapters in host memory, the prefetch queue and the loader threads."""
 
     def __init__(self, lock: threading.RLock, capacity: int, shape: ModelShape, cache_root: Path,
-                 pack: Callable[[LoRAAdapter], PackedAdapter], stats: dict[str, int], loader_threads: int = 2) -> None:
+                 pack: Callable[[LoRAAdapter], PackedAdapter], stats: dict[str, int], loader_threads: int = 2,
+                 max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> None:
         self.lock = lock  # the manager's
         self.capacity = max(1, capacity)  # 0 would never load anything
         self.shape = shape
         self.cache_root = cache_root  # the disk cache of remote adapters (openlora.lora.sources)
         self.pack = pack  # checks the adapter fits the device pool and lays it out (DeviceSlots.pack)
         self.stats = stats
+        self.max_bytes = max_bytes  # largest weights file / download accepted (hostile sources)
         self.executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="adapter-load")
         self._lru: OrderedDict[AdapterEntry, None] = OrderedDict()  # packed in host memory, LRU first
         self._want: OrderedDict[AdapterEntry, None] = OrderedDict()  # to prefetch, in queue order
@@ -110,13 +112,13 @@ class HostCache:
         if src.kind != "local":
             with self.lock:
                 e.state = AdapterState.DOWNLOADING
-        path = fetch(src, self.cache_root, expected_files_hash=e.expected_hash)
+        path = fetch(src, self.cache_root, expected_files_hash=e.expected_hash, max_bytes=self.max_bytes)
         with self.lock:
             if e.loading:
                 e.state = AdapterState.LOADING
         # Shapes are the real compatibility check; the served model is a local path here while adapters
         # name hub ids, so a name comparison would warn for nearly every adapter.
-        return load_peft_adapter(path, e.adapter_id, self.shape)
+        return load_peft_adapter(path, e.adapter_id, self.shape, max_bytes=self.max_bytes)
 
     def load(self, e: AdapterEntry) -> None:
         """Load one adapter into host memory; the caller called start_loading(e)."""

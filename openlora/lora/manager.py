@@ -57,7 +57,7 @@ class LoRAManager:
         pool = LoRAPool(self.shape, rows, DTYPES[config.dtype], torch.device(config.device))
         self.registry = AdapterRegistry()
         self.host_cache = HostCache(self.lock, config.lora.max_cpu_loras, self.shape, cache_dir() / "adapters",
-                                    self._pack, self.stats, loader_threads)
+                                    self._pack, self.stats, loader_threads, config.lora.max_adapter_bytes)
         self.slots = DeviceSlots(pool, self.max_loras, config.lora.max_lora_rank,
                                  config.scheduler.adapter_time_slice_s, self.host_cache, self.stats)
         self._req: dict[str, list[AdapterEntry]] = {}  # request id -> its entries (survives re-register)
@@ -158,8 +158,9 @@ class LoRAManager:
             return host
         if e.builder is not None:
             return e.builder()
-        path = fetch(parse_source(e.source), self.host_cache.cache_root, expected_files_hash=e.expected_hash)
-        adapter = load_peft_adapter(path, adapter_id, self.shape)
+        hc = self.host_cache
+        path = fetch(parse_source(e.source), hc.cache_root, expected_files_hash=e.expected_hash, max_bytes=hc.max_bytes)
+        adapter = load_peft_adapter(path, adapter_id, self.shape, max_bytes=hc.max_bytes)
         with self.lock:
             e.content_hash = e.content_hash or adapter.content_hash
         return adapter

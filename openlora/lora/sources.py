@@ -152,6 +152,24 @@ def describe(source: AdapterSource) -> dict[str, Any]:
 # Content hash and local folders
 
 
+def check_allowed(source: AdapterSource, kinds: tuple[str, ...], roots: list[Path] | None) -> None:
+    """Refuse (InvalidRequest) a source of a kind not in `kinds`, and, when `roots` is given, a local folder
+    that is not under one of them, or holds an adapter file whose symlinks lead out of them."""
+    from openlora.lora.file_checks import inside
+
+    if source.kind not in kinds:
+        raise InvalidRequest(f"adapter sources of kind {source.kind!r} are not allowed on this server "
+                             f"(allowed: {', '.join(kinds) or 'none'})")
+    if source.kind != "local" or roots is None:
+        return
+    folder = Path(source.location)
+    if not inside(folder, roots):
+        raise InvalidRequest(f"adapter folder {source.location} is outside the allowed adapter roots (--adapter-root)")
+    for name in ADAPTER_FILES:
+        if (folder / name).exists() and not inside(folder / name, roots):
+            raise InvalidRequest(f"adapter file {name} in {source.location} links outside the allowed adapter roots")
+
+
 def adapter_files(folder: str | os.PathLike) -> list[str]:
     """Names of the adapter files present in `folder`, sorted."""
     root = Path(folder)
@@ -233,13 +251,16 @@ def fetch(
     expected_files_hash: str | None = None,
     hub_endpoint: str | None = None,
     s3_endpoint_url: str | None = None,
+    max_bytes: int | None = None,
 ) -> Path:
     """Return a local folder holding the adapter's files, downloading remote ones into the disk cache.
 
     `hub_endpoint` defaults to `HF_ENDPOINT` (read at call time), then huggingface_hub's default.
     `s3_endpoint_url` defaults to `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, then AWS.
     Raises AdapterNotFound (no such folder/repo/bucket/prefix) or AdapterLoadError (network, auth,
-    hash mismatch). Safe to call from many threads and processes at once.
+    hash mismatch, more than `max_bytes` in one file: checked against S3's listing before any download,
+    and against the hub snapshot's files before they are read). Safe to call from many threads and
+    processes at once.
     """
     if source.kind == "local":
         folder = Path(source.location)
@@ -256,8 +277,11 @@ def fetch(
         tlock, flock = _locked(root, key)
         with tlock, flock:
             if source.kind == "hub":
-                return _fetch_hub(source, root / "hub", expected_files_hash, endpoint)
-            return _fetch_s3(source, root / "s3", expected_files_hash, s3_endpoint_url)
+                folder = _fetch_hub(source, root / "hub", expected_files_hash, endpoint)
+                for name in adapter_files(folder):
+                    _check_bytes(source, name, (folder / name).stat().st_size, max_bytes)
+                return folder
+            return _fetch_s3(source, root / "s3", expected_files_hash, s3_endpoint_url, max_bytes)
     except OSError as e:  # the cache itself: permissions, disk full, lock file...
         raise AdapterLoadError(f"adapter {source.uri}: cache error under {root}: {e}") from e
 
@@ -387,8 +411,16 @@ def _s3_client(endpoint_url: str | None) -> Any:
     return client
 
 
-def _fetch_s3(source: AdapterSource, s3_cache: Path, expected: str | None, endpoint_url: str | None) -> Path:
-    """List the adapter objects; reuse the cached copy if ETags and sizes match, else download atomically."""
+def _check_bytes(source: AdapterSource, name: str, size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise AdapterLoadError(f"adapter {source.uri}: {name} is {size} bytes, above the limit of {max_bytes} "
+                               "bytes (--max-adapter-bytes)")
+
+
+def _fetch_s3(source: AdapterSource, s3_cache: Path, expected: str | None, endpoint_url: str | None,
+              max_bytes: int | None = None) -> Path:
+    """List the adapter objects; reuse the cached copy if ETags and sizes match, else download atomically
+    (refused before any GetObject when an object is larger than `max_bytes`)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     target = s3_cache / source.location / source.prefix if source.prefix else s3_cache / source.location
@@ -396,6 +428,8 @@ def _fetch_s3(source: AdapterSource, s3_cache: Path, expected: str | None, endpo
         client = _s3_client(endpoint_url)
         for attempt in range(2):  # a second round only if an object changed under us
             remote = _s3_list(client, source)
+            for name, obj in remote.items():
+                _check_bytes(source, name, obj["size"], max_bytes)
             if _s3_cache_valid(target, remote) and _verify(target, source, expected):
                 return target  # cache hit: no GetObject
             try:
@@ -476,7 +510,11 @@ def _s3_download(
                     raise _ObjectChanged(key) from e
                 raise
             with open(tmp / name, "wb") as f:
+                written = 0
                 for chunk in resp["Body"].iter_chunks(_CHUNK):
+                    written += len(chunk)
+                    if written > obj["size"]:  # more than the listing promised (and the limit checked)
+                        raise AdapterLoadError(f"adapter {source.uri}: {name} is larger than S3 listed it")
                     f.write(chunk)
             if (tmp / name).stat().st_size != obj["size"]:
                 raise AdapterLoadError(f"adapter {source.uri}: truncated download of {name}")

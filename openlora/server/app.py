@@ -15,10 +15,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from openlora.engine.async_engine import AsyncEngine
 from openlora.errors import AdapterNotFound, InvalidRequest, OpenLoRAError
-from openlora.lora.sources import scan_adapter_dir
+from openlora.lora.sources import check_allowed, parse_source, scan_adapter_dir
 from openlora.server.chain_routes import install_chain_routes
 from openlora.server.errors import error_body, install_error_handlers
 from openlora.server.explorer import install_explorer_routes
+from openlora.server.limits import TenantLimits
 from openlora.server.metrics import Metrics, snapshot
 from openlora.server.node_state import ADAPTER_STATE_HEADER, node_state
 from openlora.server.protocol import (
@@ -30,8 +31,9 @@ from openlora.server.protocol import (
     ModelList,
     RegisterAdapterRequest,
 )
-from openlora.server.serving import create_chat_completion, create_completion
+from openlora.server.serving import create_chat_completion, create_completion, may_use
 from openlora.server.state import ReceiptHook, ServerState
+from openlora.server.tenancy import Tenancy
 from openlora.web import mount_web
 
 log = logging.getLogger("openlora.server")
@@ -48,6 +50,10 @@ class ServeOptions:
     engine: dict = field(default_factory=dict)  # build_engine_config keyword options
     max_waiting: int | None = None
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> key id
+    share_groups: dict[str, str] = field(default_factory=dict)  # key id -> prefix-cache sharing group
+    limits: dict = field(default_factory=dict)  # TenantLimits keyword options (rate, burst, quota, period_s)
+    adapter_roots: list[str] = field(default_factory=list)  # where run-time local registrations may point
+    adapter_kinds: tuple[str, ...] = ("local", "hub", "s3")  # source kinds that may be registered
     admin_key: str | None = None
     attribution: bool = True
     ledger: str | None = None
@@ -79,6 +85,7 @@ def build_state(opts: ServeOptions) -> ServerState:
     from openlora.llm import build_engine_config
     from openlora.lora.manager import LoRAManager
 
+    limits = TenantLimits(**opts.limits)  # bad options fail here, before the model loads
     adapters = list(opts.adapters)
     model = opts.model
     if model is None:
@@ -106,7 +113,12 @@ def build_state(opts: ServeOptions) -> ServerState:
     metrics = Metrics()
     state = ServerState(engine=async_engine, lora=lora, model_id=model_id,
                         metrics=metrics, api_keys=dict(opts.api_keys), admin_key=opts.admin_key,
+                        tenancy=Tenancy(opts.share_groups), limits=limits, adapter_kinds=tuple(opts.adapter_kinds),
+                        adapter_roots=[Path(r) for r in (*opts.adapter_roots, *opts.adapter_dirs)]
+                        + [Path(src) for _, src in adapters if Path(src).is_dir()],
                         grace_period=opts.grace_period)
+    if limits.quota is not None:  # each request's real cost, failed and aborted ones included
+        engine.usage_listeners.append(lambda ev: limits.charge(ev.tenant, ev.prompt_tokens + ev.completion_tokens))
     if opts.attribution:
         state.attribution = _open_attribution(opts, model_id, engine.base_model_hash)
         state.receipts = ReceiptHook(state.attribution, metrics)
@@ -120,7 +132,7 @@ def build_state(opts: ServeOptions) -> ServerState:
                           hardware=declared_hardware())
     for name, source in adapters:
         try:
-            register_adapter(state, name, source)
+            register_adapter(state, name, source, trusted=True)
         except OpenLoRAError as e:  # one bad adapter must not keep the node down
             log.error("adapter %s (%s) not registered: %s", name, source, e)
             continue
@@ -208,10 +220,13 @@ def _open_attribution(opts: ServeOptions, model_id: str, base_hash: str):
 
 
 def register_adapter(state: ServerState, name: str, source: str, *, pinned: bool = False, load: bool = False,
-                     manifest: dict | None = None) -> None:
-    """Register an adapter and its attribution manifest (given, or attribution.json beside it)."""
+                     manifest: dict | None = None, trusted: bool = False) -> None:
+    """Register an adapter and its attribution manifest (given, or attribution.json beside it). Sources
+    from the operator's command line are `trusted`; others (the admin API) must be of an allowed kind and,
+    when local, lie under the adapter roots with every symlink resolved."""
     if name == state.model_id:
         raise InvalidRequest(f"adapter id {name!r} is the base model's id")
+    check_allowed(parse_source(source), state.adapter_kinds, None if trusted else state.adapter_roots)
     if state.attribution is not None:  # validate the manifest before the adapter becomes usable
         if manifest is not None:
             state.attribution.register_manifest(name, manifest)
@@ -254,10 +269,12 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(raw: Request) -> ModelList:
-        state.key_id(raw)
+        """The base model and every adapter this caller may use (private adapters of other tenants are
+        absent, as if they did not exist)."""
+        caller, _ = state.who(raw)
         cards = [ModelCard(id=state.model_id, created=state.created)]
         cards += [ModelCard(id=c["id"], created=state.created, parent=state.model_id, state=c["state"],
-                            pinned=c["pinned"]) for c in state.lora.cards()]
+                            pinned=c["pinned"]) for c in state.lora.cards() if may_use(state, c["id"], caller)]
         return ModelList(data=cards)
 
     @app.post("/v1/adapters", response_model=ModelCard)
@@ -283,10 +300,10 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/receipts/{receipt_id}")
     async def receipt(receipt_id: str, raw: Request) -> dict:
-        state.key_id(raw)
-        if state.attribution is None:
-            raise AdapterNotFound("attribution is disabled on this server (--no-attribution)")
-        return await asyncio.to_thread(state.attribution.get_receipt, receipt_id)
+        """The signed receipt, for the tenant that paid for it (or the admin key): anyone else gets the
+        same 404 as for an unknown id."""
+        caller, _ = state.who(raw)
+        return await asyncio.to_thread(state.receipt, caller, receipt_id)
 
     @app.post("/v1/epochs/close")
     async def close_epoch(raw: Request) -> dict:

@@ -62,6 +62,13 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-loras", type=int, default=LoRAConfig.max_loras,
                    help="adapters resident on the device at once")
     p.add_argument("--max-cpu-loras", type=int, default=LoRAConfig.max_cpu_loras, help="adapters cached in host memory")
+    p.add_argument("--max-adapter-bytes", type=parse_bytes, default=LoRAConfig.max_adapter_bytes,
+                   help="largest adapter weights file (or S3 download) accepted, e.g. 512MiB")
+    p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                   help="local adapter folders registered at run time (admin API, chain) must lie under one of "
+                        "these (symlinks resolved); the --adapter and --adapter-dir folders are always allowed")
+    p.add_argument("--adapter-sources", default="local,hub,s3", metavar="KINDS",
+                   help="which kinds of adapter source may be registered: local, hub, s3 (comma-separated)")
     p.add_argument("--max-lora-rank", type=int, default=LoRAConfig.max_lora_rank,
                    help="largest adapter rank accepted: a higher-rank adapter fails to load with a clear error")
     p.add_argument("--seed", type=int, default=EngineConfig.seed,
@@ -82,6 +89,16 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", action="append", default=[], metavar="[ID=]KEY",
                    help="require this bearer key on /v1 routes; repeatable. ID names the key as payer and in "
                         "adapter access lists (default: key-<sha256 prefix>)")
+    p.add_argument("--share-prefix-cache", action="append", default=[], type=_group, metavar="GROUP=ID,ID,...",
+                   help="let these API-key ids share one prefix cache (off by default: each tenant's cached "
+                        "prompts are its own); repeatable")
+    p.add_argument("--rate-limit", type=float, default=None, metavar="REQ_PER_S",
+                   help="requests per second per tenant (API key or payer); beyond it 429 with Retry-After")
+    p.add_argument("--rate-burst", type=int, default=None, metavar="N",
+                   help="requests a tenant may send at once under --rate-limit (default: one second's worth)")
+    p.add_argument("--token-quota", type=_quota, default=None, metavar="TOKENS[/SECONDS]",
+                   help="prompt + completion tokens per tenant per window (default window 3600 s); "
+                        "beyond it 429 with Retry-After until the window ends")
     p.add_argument("--admin-key", help="bearer key for POST/DELETE /v1/adapters (admin API off without it)")
     p.add_argument("--ledger", help="attribution ledger (default: <cache>/ledger.sqlite)")
     p.add_argument("--node-key", help="node keystore (default: <cache>/node_key.json; password from "
@@ -100,11 +117,35 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
+def _group(text: str) -> tuple[str, list[str]]:
+    name, sep, ids = text.partition("=")
+    members = [i.strip() for i in ids.split(",") if i.strip()]
+    if not sep or not name or not members:
+        raise argparse.ArgumentTypeError(f"expected GROUP=KEYID,KEYID,..., got {text!r}")
+    return name, members
+
+
+def _quota(text: str) -> tuple[int, float]:
+    tokens, _, period = text.partition("/")
+    try:
+        return int(tokens), float(period or 3600)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKENS[/SECONDS], e.g. 100000/3600, got {text!r}") from None
+
+
+def no_core_dumps() -> None:
+    """A crash must not write the process's memory (prompts, outputs, KV) to disk: RLIMIT_CORE = 0."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from openlora.server.app import ServeOptions, build_state, create_app
 
+    no_core_dumps()
     keys = {}
     for k in args.api_key:
         kid, sep, key = k.partition("=")
@@ -113,10 +154,15 @@ def run_serve(args: argparse.Namespace) -> int:
         model=args.model, adapters=args.adapter, adapter_dirs=args.adapter_dir,
         engine=dict(dtype=args.dtype, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
                     max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs, seed=args.seed,
+                    max_adapter_bytes=args.max_adapter_bytes,
                     max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                     kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                     num_threads=args.num_threads, max_waiting=args.max_waiting, kernels=args.kernels),
         max_waiting=args.max_waiting, api_keys=keys, admin_key=args.admin_key,
+        share_groups={kid: name for name, ids in args.share_prefix_cache for kid in ids},
+        adapter_roots=args.adapter_root, adapter_kinds=tuple(k.strip() for k in args.adapter_sources.split(",")),
+        limits=dict(rate=args.rate_limit, burst=args.rate_burst, quota=args.token_quota and args.token_quota[0],
+                    **({"period_s": args.token_quota[1]} if args.token_quota else {})),
         attribution=not args.no_attribution, ledger=args.ledger, node_key=args.node_key,
         grace_period=args.grace_period, chain=args.chain, epoch_seconds=args.epoch_seconds, region=args.region,
         location=args.location, public_url=args.public_url or f"http://{args.host}:{args.port}")

@@ -8,6 +8,7 @@ logged with its traceback and answered 500, and the server keeps running.
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -74,7 +75,9 @@ def install_error_handlers(app: FastAPI) -> None:
         status, body = from_exception(exc)
         if status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc)
-        return JSONResponse(body, status_code=status)
+        retry = getattr(exc, "retry_after", None)  # rate limits: when to come back, in whole seconds
+        headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry is not None else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

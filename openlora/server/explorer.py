@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from openlora.attribution.epochs import verify_proof
 from openlora.errors import AdapterNotFound, InvalidRequest
 from openlora.server.state import ServerState
+from openlora.server.tenancy import Caller
 
 
 def install_explorer_routes(app: FastAPI, state: ServerState, chain_deployment: str | None) -> None:
@@ -29,8 +30,8 @@ def install_explorer_routes(app: FastAPI, state: ServerState, chain_deployment: 
     async def receipt_proof(receipt_id: str, raw: Request) -> dict:
         """The receipt's EIP-712 message (to verify its signature in the browser), its epoch, Merkle
         proof and settlement: state is "open" (no epoch yet), "closed", "settled" or "skipped"."""
-        state.key_id(raw)
-        return await asyncio.to_thread(_proof, state, attribution(), receipt_id)
+        caller, _ = state.who(raw)
+        return await asyncio.to_thread(_proof, state, caller, receipt_id)
 
     @app.get("/v1/epochs")
     async def epochs(raw: Request, limit: int = 50) -> dict:
@@ -70,10 +71,11 @@ def _settlements(state: ServerState) -> list[dict[str, Any]]:
     return state.settler.settlements() if state.settler is not None else []
 
 
-def _proof(state: ServerState, att: Any, receipt_id: str) -> dict[str, Any]:
+def _proof(state: ServerState, caller: Caller, receipt_id: str) -> dict[str, Any]:
     from openlora.attribution.receipts import Receipt
 
-    d = att.get_receipt(receipt_id)  # 404 when unknown
+    d = state.receipt(caller, receipt_id)  # 404 when unknown or another tenant's
+    att = state.attribution
     r = Receipt.from_dict(d, receipt_hash=d["receipt_id"])
     out: dict[str, Any] = {"receipt_id": r.receipt_hash, "request_id": r.request_id, "seq": r.seq,
                            "node": r.node, "typed_data": _hexify(r.typed_data()), "signature": r.signature,

@@ -50,6 +50,11 @@ class _Extensions(_Wire):
         None, min_length=1, max_length=16,
         description="Weighted composition of adapters, e.g. [{id: legal, weight: 0.7}, ...]; overrides `model`.")
     merge: dict[str, Any] | None = Field(None, description="Merge parameters passed to the engine (TIES/DARE...).")
+    cache_salt: str | None = Field(
+        None, min_length=1, max_length=256,
+        description="Narrows this request's prefix-cache namespace (as vLLM's cache_salt). The server always "
+                    "scopes the cache to the caller's tenant; a salt can only split it further, never join "
+                    "another tenant's.")
 
 
 class _OpenAICompletion(_Wire):

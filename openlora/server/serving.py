@@ -27,6 +27,7 @@ from openlora.server.errors import from_exception, log
 from openlora.server.node_state import note_adapter_state
 from openlora.server.protocol import ChatCompletionRequest, CompletionRequest
 from openlora.server.state import ServerState
+from openlora.server.tenancy import Caller, not_registered
 
 
 class ClientDisconnected(OpenLoRAError):
@@ -91,15 +92,17 @@ class _Run:
         """The engine request ids of an HTTP request with `n` prompts."""
         return [self.base_id] if n == 1 else [f"{self.base_id}-{i}" for i in range(n)]
 
-    async def start(self, prompts: list[str | list[int]], params: SamplingParams, adapters, tenant: str,
-                    merge: dict | None) -> None:
+    async def start(self, prompts: list[str | list[int]], params: SamplingParams, adapters, caller: Caller,
+                    body: CompletionRequest | ChatCompletionRequest) -> None:
         st = self.st
+        tenant, merge = caller.tenant, body.merge
+        scope = st.tenancy.cache_scope(caller, body.cache_salt)
         try:
             for rid, p in zip(self.request_ids(len(prompts)), prompts):
                 self.receipts[rid] = st.receipts.expect(rid) if st.receipts else None
                 try:
                     await st.engine.add_request(rid, p, params, adapters=adapters, tenant=tenant, merge=merge,
-                                                queue=self.queue)
+                                                queue=self.queue, cache_scope=scope)
                 except BaseException:
                     if st.receipts:
                         st.receipts.discard(rid)
@@ -253,7 +256,9 @@ def _positions(o: RequestOutput, c: CompletionOutput, start: int):
 
 # ---- /v1/completions -------------------------------------------------------------------------------
 async def create_completion(body: CompletionRequest, raw: Request, st: ServerState) -> Any:
-    key_id, auth = st.caller(raw)
+    caller, auth = st.who(raw, body.user)
+    key_id = caller.key_id
+    st.admit(caller)
     if body.suffix:
         raise InvalidRequest("suffix is not supported")
     if body.best_of not in (None, body.n):
@@ -270,13 +275,13 @@ async def create_completion(body: CompletionRequest, raw: Request, st: ServerSta
     if len(prompts) > 64:
         raise InvalidRequest("at most 64 prompts per request")
     adapters, names = _adapters(st, body)
+    _check_access(st, _names(body, names), caller)  # before anything about the adapter is revealed
     note_adapter_state(raw, st, names)
-    _check_access(st, names, auth.payer if auth else body.user, key_id)
     params = _params(body, body.max_tokens, body.logprobs)
     run = _Run(st, f"cmpl-{uuid.uuid4().hex}")
     n_prompt = [len(p) if isinstance(p, list) else len(st.tokenizer(p)["input_ids"]) for p in prompts]
     await _admit_payment(st, run, auth, key_id, names, n_prompt, params)
-    await run.start(prompts, params, adapters, auth.payer if auth else body.user or key_id or "", body.merge)
+    await run.start(prompts, params, adapters, caller, body)
     n = body.n
     created = int(time.time())
 
@@ -383,18 +388,42 @@ async def _admit_payment(st: ServerState, run: "_Run", auth: Any, key_id: str | 
     await asyncio.to_thread(st.payments.admit, rids, auth, names, fee)
 
 
-def _check_access(st: ServerState, names: list[str], user: str | None, key_id: str | None) -> None:
-    if st.attribution is not None:
-        for a in names:
-            st.attribution.check_access(a, user, key_id)
+def may_use(st: ServerState, adapter_id: str, caller: Caller) -> bool:
+    """Whether the adapter's access list admits this caller (the admin key: always; no attribution:
+    no access lists). A manifest that cannot be read admits nobody but the admin."""
+    if st.attribution is None or caller.admin:
+        return True
+    payer = caller.payer or (None if caller.authenticated else caller.user)
+    try:
+        return st.attribution.permits(adapter_id, payer, caller.key_id)
+    except OpenLoRAError:
+        return False
+
+
+def _check_access(st: ServerState, names: list[str], caller: Caller) -> None:
+    """A private adapter the caller may not use gets the very 404 of an adapter that does not exist:
+    its existence is not revealed, and the request never falls back to the base model."""
+    for a in names:
+        if not may_use(st, a, caller):
+            raise not_registered(a)
+
+
+def _names(body: CompletionRequest | ChatCompletionRequest, names: list[str]) -> list[str]:
+    """Every adapter the request reads: `model`/`adapters`, plus a merge's sources."""
+    srcs = (body.merge or {}).get("adapters")
+    extra = [a.get("id") if isinstance(a, dict) else a for a in srcs] if isinstance(srcs, list) else []
+    extra = [a for a in extra if isinstance(a, str)]  # malformed entries: MergeSpec.parse answers 400
+    return [*names, *(a for a in extra if a not in names)]
 
 
 # ---- /v1/chat/completions --------------------------------------------------------------------------
 async def create_chat_completion(body: ChatCompletionRequest, raw: Request, st: ServerState) -> Any:
-    key_id, auth = st.caller(raw)
+    caller, auth = st.who(raw, body.user)
+    key_id = caller.key_id
+    st.admit(caller)
     adapters, names = _adapters(st, body)
+    _check_access(st, _names(body, names), caller)  # before anything about the adapter is revealed
     note_adapter_state(raw, st, names)
-    _check_access(st, names, auth.payer if auth else body.user, key_id)
     msgs = [m.model_dump(exclude_none=True) for m in body.messages]
     try:
         text = apply_chat_template(st.tokenizer, msgs, add_generation_prompt=body.add_generation_prompt,
@@ -409,7 +438,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, st: 
     params = _params(body, body.max_completion_tokens or body.max_tokens, top if body.logprobs else None)
     run = _Run(st, f"chatcmpl-{uuid.uuid4().hex}")
     await _admit_payment(st, run, auth, key_id, names, [len(ids)], params)
-    await run.start([ids], params, adapters, auth.payer if auth else body.user or key_id or "", body.merge)
+    await run.start([ids], params, adapters, caller, body)
     created = int(time.time())
 
     if not body.stream:

@@ -8,6 +8,7 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from threading import Lock
 from typing import Any
 
@@ -16,7 +17,9 @@ from fastapi import Request
 from openlora.engine.async_engine import AsyncEngine
 from openlora.outputs import UsageEvent
 from openlora.server.errors import Unauthorized
+from openlora.server.limits import TenantLimits
 from openlora.server.metrics import Metrics
+from openlora.server.tenancy import Caller, Tenancy
 
 log = logging.getLogger("openlora.server")
 
@@ -88,6 +91,10 @@ class ServerState:
     receipts: ReceiptHook | None = None
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> key id
     admin_key: str | None = None
+    tenancy: Tenancy = field(default_factory=Tenancy)
+    limits: TenantLimits = field(default_factory=TenantLimits)
+    adapter_kinds: tuple[str, ...] = ("local", "hub", "s3")  # source kinds the admin API may register
+    adapter_roots: list[Path] = field(default_factory=list)  # where run-time local registrations may point
     grace_period: float = 30.0
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -96,16 +103,17 @@ class ServerState:
         return self.engine.engine.tokenizer
 
     def key_id(self, request: Request) -> str | None:
-        """The caller's API-key id (None when the server runs without keys). Raises 401."""
+        """The caller's API-key id: "admin" for the admin key, None when the server runs without keys.
+        Raises 401."""
+        tok = _bearer(request)
+        if tok is not None and self.admin_key and hmac.compare_digest(tok.encode(), self.admin_key.encode()):
+            return "admin"
         if not self.api_keys:
             return None
-        tok = _bearer(request)
         if tok is not None:
             for key, kid in self.api_keys.items():
                 if hmac.compare_digest(tok.encode(), key.encode()):
                     return kid
-            if self.admin_key and hmac.compare_digest(tok.encode(), self.admin_key.encode()):
-                return "admin"
         raise Unauthorized("invalid or missing API key (send 'Authorization: Bearer <key>')")
 
     def caller(self, request: Request) -> tuple[str | None, Any]:
@@ -118,6 +126,28 @@ class ServerState:
             if is_token(tok):
                 return None, self.payments.authorize(tok)
         return self.key_id(request), None
+
+    def who(self, request: Request, user: str | None = None) -> tuple[Caller, Any]:
+        """(the authenticated Caller, payer authorization or None); raises 401 as caller() does."""
+        key_id, auth = self.caller(request)
+        return Caller(key_id=key_id, payer=auth.payer if auth else None, user=user,
+                      authenticated=bool(self.api_keys) or self.payments is not None), auth
+
+    def admit(self, caller: Caller) -> None:
+        """The tenant's rate limit and token quota (429 with Retry-After); the admin key is exempt."""
+        if self.limits.active and not caller.admin:
+            self.limits.admit(caller.tenant)
+
+    def receipt(self, caller: Caller, receipt_id: str) -> dict:
+        """A receipt for its payer (or the admin); anyone else gets the 404 of an unknown id."""
+        from openlora.attribution.service import ReceiptNotFound
+
+        if self.attribution is None:
+            raise ReceiptNotFound("attribution is disabled on this server (--no-attribution)")
+        d = self.attribution.get_receipt(receipt_id)
+        if not self.tenancy.owns(caller, d["payer"]):
+            raise ReceiptNotFound(f"no receipt {receipt_id!r}")
+        return d
 
     def require_admin(self, request: Request) -> None:
         """Admin routes: 401 unless the admin key is presented (also 401 when none is configured)."""

@@ -96,7 +96,8 @@ def paid_chats(base_url: str, token: str, models: list[str]) -> list[dict]:
     for m in models:
         r = client.chat.completions.create(model=m, messages=Q, max_tokens=8, temperature=0)
         att = r.model_extra["attribution"]
-        receipts.append(httpx.get(f"{base_url}/receipts/{att['receipt_id']}", timeout=10).json())
+        receipts.append(httpx.get(f"{base_url}/receipts/{att['receipt_id']}", timeout=10,  # the payer's alone
+                                  headers={"Authorization": f"Bearer {token}"}).json())
     return receipts
 
 

@@ -172,3 +172,52 @@ def test_reset_drops_every_request_and_frees_its_blocks():
     assert all(r.status == RequestStatus.FINISHED_ABORTED for r in reqs)
     assert kv.pool.num_free == free0
     assert s.schedule().empty
+
+
+def test_a_flooding_tenant_cannot_starve_another():
+    """Tenant A queues 30 requests, then B queues one: B is admitted at the first freed slot (round robin
+    across tenants, fewest running first), not after A's whole backlog; A's own requests stay FCFS."""
+    s, _ = make(max_seqs=4, budget=64)
+    for i in range(30):
+        s.add_request(req(f"a{i}", 4, max_tokens=2 + i % 3, tenant="A"))
+    run_step(s)  # A fills the four sequence slots
+    s.add_request(req("b0", 4, max_tokens=2, tenant="B"))
+    admitted: list[str] = []
+    for _ in range(200):
+        if not s.num_unfinished():
+            break
+        before = {r.request_id for r in s.running}
+        run_step(s)
+        admitted += [r.request_id for r in s.running if r.request_id not in before]
+        if "b0" in admitted:
+            break
+    assert "b0" in admitted[:1], admitted  # the first admission after it queued
+    a_order = [r for r in admitted if r.startswith("a")]
+    assert a_order == sorted(a_order, key=lambda x: int(x[1:]))
+
+
+def test_one_tenant_keeps_plain_fcfs():
+    s, _ = make(max_seqs=2, budget=100)
+    for i in range(5):
+        s.add_request(req(f"r{i}", 4, tenant="only"))
+    assert s._round_robin_tenants(list(s.waiting)) == list(s.waiting)
+    two = [req("x0", 2, tenant="A"), req("x1", 2, tenant="A"), req("y0", 2, tenant="B"), req("x2", 2, tenant="A")]
+    assert [r.request_id for r in s._round_robin_tenants(two)] == ["x0", "y0", "x1", "x2"]
+
+
+def test_prompt_logprobs_requests_take_no_prefix_hit():
+    """Scoring a prompt needs every position's logits: a cached prefix would skip them."""
+    s, kv = make(budget=64)
+    toks = list(range(100, 120))
+    first = req("p0", 20, max_tokens=1, tokens=toks)
+    s.add_request(first)
+    while not first.is_finished:
+        run_step(s)
+    again = req("p1", 20, max_tokens=1, tokens=toks)
+    s.add_request(again)
+    run_step(s)
+    assert again.num_cached_tokens > 0  # a plain request hits the cached prefix
+    scored = Request("p2", toks, SamplingParams(max_tokens=1, ignore_eos=True, prompt_logprobs=1), max_tokens=1)
+    s.add_request(scored)
+    out = run_step(s)
+    assert scored.num_cached_tokens == 0 and out.scheduled[-1].num_new_tokens == 20

@@ -47,7 +47,7 @@ SERVER_OPTS = ["--max-num-seqs", "16", "--kv-cache-memory", "32MiB", "--max-lora
 def server(assets):
     srv = ServerProcess(["--model", str(assets["model"]), "--adapter-dir", str(assets["adapter_dir"]),
                          "--api-key", f"alice={API_KEY}", "--api-key", OTHER_KEY, "--admin-key", ADMIN_KEY,
-                         *SERVER_OPTS], assets["root"])
+                         "--adapter-root", str(assets["root"]), *SERVER_OPTS], assets["root"])
     yield srv
     rc = srv.stop()
     assert rc == 0, srv.log()[-3000:]

@@ -82,7 +82,7 @@ class ServerProcess:
     """`python -m openlora.cli serve ...` on a free port; `url`, `base_url` (for openai), `stop()`."""
 
     def __init__(self, args: list[str], tmp: Path, env: dict | None = None, timeout: float = 120.0,
-                 port: int | None = None) -> None:
+                 port: int | None = None, log_level: str = "INFO") -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
@@ -94,8 +94,9 @@ class ServerProcess:
         e.update(env or {})
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "openlora.cli", "serve", "--port", str(self.port), "--num-threads", "1",
-             "--ledger", str(tmp / f"ledger-{self.port}.sqlite"), "--node-key", str(tmp / "node_key.json"), *args],
+            [sys.executable, "-m", "openlora.cli", "--log-level", log_level, "serve", "--port", str(self.port),
+             "--num-threads", "1", "--ledger", str(tmp / f"ledger-{self.port}.sqlite"),
+             "--node-key", str(tmp / "node_key.json"), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=e, cwd=ROOT)
         if not wait_healthy(self.url, self.proc, timeout):
             self.stop()

@@ -78,7 +78,8 @@ def test_the_page_pays_for_its_answers(chain_node, browser):
     wait_done(page)
     region = open_receipt(page)
     rid = region.locator("code.hash").inner_text().strip()
-    rec = httpx.get(f"{node.url}/v1/receipts/{rid}", timeout=10).json()
+    assert httpx.get(f"{node.url}/v1/receipts/{rid}", timeout=10).status_code == 404  # the payer's alone
+    rec = httpx.get(f"{node.url}/v1/receipts/{rid}", timeout=10, headers={"authorization": f"Bearer {ADMIN}"}).json()
     assert rec["payer"] == payer and rec["fee"] > 0
     r = httpx.post(f"{node.url}/v1/epochs/close", headers={"authorization": f"Bearer {ADMIN}"}, timeout=60)
     assert r.status_code == 200 and r.json()["settled"] >= 1, r.text

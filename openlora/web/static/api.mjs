@@ -4,8 +4,11 @@ import { parseJSON } from "./units.mjs";
 
 let bearer = null;
 
-/** The payer authorization sent with chat requests (chain mode); null for none. */
+/** The payer authorization sent with every request (chain mode): it pays for chats, and a receipt is
+ * shown only to the payer it names; null for none. */
 export function setBearer(token) { bearer = token; }
+
+const auth = () => (bearer ? { authorization: `Bearer ${bearer}` } : {});
 
 export class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
@@ -20,7 +23,7 @@ async function read(res) {
 }
 
 export async function getJSON(path) {
-  return read(await fetch(path, { headers: { accept: "application/json" } }));
+  return read(await fetch(path, { headers: { accept: "application/json", ...auth() } }));
 }
 
 /** GET that answers null on 404 (a route this server does not have, or an unknown id). */
@@ -35,7 +38,7 @@ export async function getOptional(path) {
 export async function streamChat(body, { signal, onDelta, onFirst }) {
   const res = await fetch("/v1/chat/completions", {
     method: "POST", signal,
-    headers: { "content-type": "application/json", accept: "text/event-stream", ...(bearer ? { authorization: `Bearer ${bearer}` } : {}) },
+    headers: { "content-type": "application/json", accept: "text/event-stream", ...auth() },
     body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }),
   });
   if (!res.ok) await read(res);
