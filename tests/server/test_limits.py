@@ -61,3 +61,37 @@ def test_a_tenant_over_its_limits_gets_429_while_another_is_served(assets, tmp_p
         assert 1 <= int(ei.value.response.headers["Retry-After"]) <= 5
     finally:
         assert srv.stop() == 0
+
+
+def test_a_flooding_tenant_leaves_room_for_another(assets, tmp_path):
+    """Two sequence slots; alice queues 16 requests at once, then bob sends one. Admission goes round robin
+    across tenants, so bob runs at the next freed slot: at most a few of alice's requests finish before
+    his (plain FCFS would finish all of hers first)."""
+    import threading
+    import time
+
+    srv = ServerProcess(["--model", str(assets["model"]), "--adapter-dir", str(assets["adapter_dir"]),
+                         "--api-key", f"alice={API_KEY}", "--api-key", OTHER_KEY, "--max-num-seqs", "2"], tmp_path)
+    done: list[float] = []
+
+    def call(key: str, tokens: int) -> float:
+        r = httpx.post(srv.base_url + "/completions", headers={"Authorization": f"Bearer {key}"}, timeout=300,
+                       json={"model": "a1", "prompt": "t5 t6", "max_tokens": tokens, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        return time.monotonic()
+
+    try:
+        flood = [threading.Thread(target=lambda: done.append(call(API_KEY, 24))) for _ in range(16)]
+        for t in flood:
+            t.start()
+        deadline = time.monotonic() + 60
+        while httpx.get(srv.url + "/v1/state", timeout=10).json()["waiting"] < 10:  # alice's backlog queued
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        bob_done = call(OTHER_KEY, 4)
+        for t in flood:
+            t.join(300)
+        before = sum(1 for t in done if t < bob_done)
+        assert len(done) == 16 and before <= 4, (before, len(done))
+    finally:
+        assert srv.stop() == 0
