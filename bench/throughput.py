@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--kernels", default="", help="force kernel choices, as serve --kernels (e.g. layer_loop=python)")
+    ap.add_argument("--no-scrub", action="store_true", help="do not zero freed KV blocks (as serve --no-scrub)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     from openlora import LLM
@@ -60,7 +61,7 @@ def main() -> None:
         # run would skip half of each prefill (measured: 0.41 -> 0.65 s for the 1-token run in bf16);
         # transformers recomputes everything, and so must we for a fair ratio.
         llm = LLM(str(path), dtype=dname, max_num_seqs=64, max_model_len=256, kv_cache_memory=256 << 20,
-                  enable_prefix_caching=False, kernels=args.kernels)
+                  enable_prefix_caching=False, kernels=args.kernels, scrub_freed_memory=not args.no_scrub)
         ours = lambda k, llm=llm: time_generate(llm, prompts, k)  # noqa: E731
         hf = None
         if not args.skip_hf:
@@ -88,7 +89,7 @@ def main() -> None:
             "roofline_ratio": step_ms / roof["roofline_step_ms"],
             "dense_matmuls_only_ms": floor, "dense_matmuls_roofline_ratio": floor / roof["roofline_step_ms"],
             **cold, "cold_chunk_reads_roofline_ratio": cold["cold_chunk_reads_ms"] / roof["roofline_step_ms"],
-            "kernels": llm.engine.runner.plan.describe(),
+            "kernels": llm.engine.runner.plan.describe(), "scrub_freed_memory": not args.no_scrub,
         }
         if hf is not None:
             hf_wall = pr["b_wall_median"]

@@ -139,6 +139,9 @@ class CacheConfig:
     kv_cache_memory_bytes: int = 1 << 30
     num_blocks: int | None = None  # overrides the memory budget (tests use it)
     enable_prefix_caching: bool = True
+    # Zero KV blocks once no request may read them again (and adapter slots once unloaded): no request's
+    # data stays in memory after it is done, except prefix-cached blocks, which only their tenant can hit.
+    scrub_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         _check(self, block_size=1, kv_cache_memory_bytes=1, num_blocks=1)

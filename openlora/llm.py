@@ -21,6 +21,7 @@ def build_engine_config(model: str | None = None, *, dtype: str = EngineConfig.d
                         max_model_len: int | None = None, block_size: int = CacheConfig.block_size,
                         kv_cache_memory: int = CacheConfig.kv_cache_memory_bytes, num_kv_blocks: int | None = None,
                         enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
+                        scrub_freed_memory: bool = CacheConfig.scrub_freed_memory,
                         max_loras: int = LoRAConfig.max_loras, max_cpu_loras: int = LoRAConfig.max_cpu_loras,
                         max_lora_rank: int = LoRAConfig.max_lora_rank, lora_pool_rows: int | None = None,
                         max_adapter_bytes: int = LoRAConfig.max_adapter_bytes,
@@ -41,7 +42,7 @@ def build_engine_config(model: str | None = None, *, dtype: str = EngineConfig.d
     mml = min(max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
     return EngineConfig(
         model=mc, dtype=dtype, device=device,
-        cache=CacheConfig(block_size, kv_cache_memory, num_kv_blocks, enable_prefix_caching),
+        cache=CacheConfig(block_size, kv_cache_memory, num_kv_blocks, enable_prefix_caching, scrub_freed_memory),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, mml, max_waiting),
         lora=LoRAConfig(max_loras, max_cpu_loras, max_lora_rank, lora_pool_rows, max_adapter_bytes),
         kernels=KernelConfig.parse(kernels) if isinstance(kernels, str) else (kernels or KernelConfig()),

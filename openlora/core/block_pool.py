@@ -26,10 +26,15 @@ def hash_block(parent: bytes | None, tokens: Sequence[int], salt: str) -> bytes:
 class BlockPool:
     """Reference-counted blocks; free blocks are evicted least recently freed first."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = True, scrub: bool = False) -> None:
         assert num_blocks > 0
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
+        # Scrubbing: a block whose content nobody may read again (freed without a cache hash, or a cached
+        # block evicted for reuse) is listed in `_dirty` until the runner zeroes it (take_dirty).
+        self.scrub = scrub
+        self._dirty: list[int] = []
+        self._holds = [False] * num_blocks  # holds some request's KV that was not zeroed yet
         self.ref_cnt = [0] * num_blocks
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -50,6 +55,9 @@ class BlockPool:
         for _ in range(n):
             bid, _ = self.free_queue.popitem(last=False)
             old = self.block_hash[bid]
+            if self.scrub and self._holds[bid]:  # evicted cached content: zero it before it is reused
+                self._dirty.append(bid)
+            self._holds[bid] = True
             if old is not None:
                 if self.cached.get(old) == bid:
                     del self.cached[old]
@@ -76,6 +84,15 @@ class BlockPool:
             assert self.ref_cnt[bid] >= 0, f"block {bid} freed twice"
             if self.ref_cnt[bid] == 0:
                 self.free_queue[bid] = None
+                if self.scrub and self.block_hash[bid] is None:  # no prefix hit can reuse it: zero it now
+                    self._dirty.append(bid)
+                    self._holds[bid] = False
+
+    def take_dirty(self) -> list[int]:
+        """Blocks to zero now (scrubbing on), each listed once; the caller zeroes them before the next
+        forward writes into them."""
+        out, self._dirty = self._dirty, []
+        return out
 
     def mark_cached(self, block_id: int, block_hash: bytes) -> None:
         """Record that a full block holds the content `block_hash`."""

@@ -17,9 +17,10 @@ class _SeqBlocks:
 class KVCacheManager:
     """Owns the block table of every live request."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 scrub: bool = False) -> None:
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, enable_prefix_caching, scrub)
         self.seqs: dict[str, _SeqBlocks] = {}
         self.num_hit_tokens = 0
         self.num_query_tokens = 0
@@ -107,3 +108,7 @@ class KVCacheManager:
     @property
     def prefix_hit_rate(self) -> float:
         return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
+
+    def take_dirty(self) -> list[int]:
+        """Freed blocks whose KV must be zeroed now (CacheConfig.scrub_freed_memory); see BlockPool."""
+        return self.pool.take_dirty()

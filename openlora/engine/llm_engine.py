@@ -41,7 +41,8 @@ class LLMEngine:
             raise InvalidRequest(
                 f"max_model_len {config.scheduler.max_model_len} exceeds the KV cache capacity of {cap} tokens; "
                 "raise the KV-cache memory or lower max_model_len")
-        self.kv = KVCacheManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.kv = KVCacheManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+                                 scrub=config.cache.scrub_freed_memory)
         self.lora = lora_manager
         self.merges = MergeService(lora_manager) if lora_manager is not None else None
         self.scheduler = Scheduler(config.scheduler, self.kv, gate=lora_manager)
@@ -124,6 +125,7 @@ class LLMEngine:
                 continue
             self.scheduler.abort([c.request_id for c in g.children])
             self.outputs.retire_if_done(g)
+        self._scrub()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
@@ -136,9 +138,18 @@ class LLMEngine:
         """One round: schedule, execute, update, process. Returns outputs of requests that progressed
         (only those that finished with `finished_only`: offline generate skips building the others)."""
         sched = self.scheduler.schedule()
+        self._scrub()  # blocks freed while scheduling (preemption), before this step writes into them
         out = self.runner.execute(sched) if not sched.empty else None
         progressed = self.scheduler.update(sched, out.sampled) if out is not None else []
+        self._scrub()  # blocks of the requests that just finished
         return self.outputs.process(sched, out, progressed, finished_only)
+
+    def _scrub(self) -> None:
+        """Zero the KV blocks no request may read again (CacheConfig.scrub_freed_memory)."""
+        if self.kv.pool.scrub:
+            dirty = self.kv.take_dirty()
+            if dirty:
+                self.runner.zero_blocks(dirty)
 
 
 __all__ = ["LLMEngine", "OpenLoRAError"]

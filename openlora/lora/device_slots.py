@@ -34,8 +34,9 @@ class DeviceSlots:
     """At most `max_loras` adapters resident in `pool`, copied from the host cache on admission."""
 
     def __init__(self, pool: LoRAPool, max_loras: int, max_lora_rank: int, time_slice_s: float,
-                 host: HostCache, stats: dict[str, int]) -> None:
+                 host: HostCache, stats: dict[str, int], scrub: bool = False) -> None:
         self.pool = pool
+        self.scrub = scrub  # zero an adapter's rows when it leaves the device
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
         self.time_slice_s = time_slice_s
@@ -72,7 +73,7 @@ class DeviceSlots:
     def drop(self, e: AdapterEntry) -> None:
         """Free `e`'s rows and forget it here."""
         if e.rows is not None:
-            self.pool.unload(e.rows)
+            self.pool.unload(e.rows, self.scrub)
             e.rows = None
         self._resident.pop(e, None)
         self._starving.pop(e, None)
@@ -133,7 +134,7 @@ class DeviceSlots:
             if not late:
                 return False  # evicting one with a queue would only cause a cold-start cliff
             victim = min(late, key=lambda x: x.resident_since)
-        self.pool.unload(victim.rows)
+        self.pool.unload(victim.rows, self.scrub)
         victim.rows = None
         del self._resident[victim]
         victim.state = AdapterState.HOST if victim.packed is not None else victim.rest_state()

@@ -59,7 +59,8 @@ class LoRAManager:
         self.host_cache = HostCache(self.lock, config.lora.max_cpu_loras, self.shape, cache_dir() / "adapters",
                                     self._pack, self.stats, loader_threads, config.lora.max_adapter_bytes)
         self.slots = DeviceSlots(pool, self.max_loras, config.lora.max_lora_rank,
-                                 config.scheduler.adapter_time_slice_s, self.host_cache, self.stats)
+                                 config.scheduler.adapter_time_slice_s, self.host_cache, self.stats,
+                                 scrub=config.cache.scrub_freed_memory)
         self._req: dict[str, list[AdapterEntry]] = {}  # request id -> its entries (survives re-register)
 
     def _pack(self, adapter: LoRAAdapter):

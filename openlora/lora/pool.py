@@ -107,7 +107,11 @@ class LoRAPool:
             self.bt[site].index_copy_(1, idx, bt.to(self.device, non_blocking=non_blocking))
         return rows
 
-    def unload(self, rows: dict[str, list[int]]) -> None:
-        """Give an adapter's rows back (their contents are overwritten by the next load)."""
+    def unload(self, rows: dict[str, list[int]], scrub: bool = False) -> None:
+        """Give an adapter's rows back; `scrub` zeroes them (else the next load overwrites them)."""
         for site, rs in rows.items():
+            if scrub and rs:
+                idx = torch.tensor(rs, dtype=torch.long, device=self.device)
+                self.a[site].index_fill_(1, idx, 0)
+                self.bt[site].index_fill_(1, idx, 0)
             self.free[site].extend(rs)

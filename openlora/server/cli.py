@@ -79,6 +79,9 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-memory", type=parse_bytes, default=CacheConfig.kv_cache_memory_bytes,
                    help="e.g. 1GiB, 512MiB or bytes")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-scrub", action="store_true",
+                   help="do not zero freed KV blocks and unloaded adapter slots (zeroing is on by default; "
+                        "no measurable cost, see README)")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--kernels", default="", metavar="PART=CHOICE,...",
                    help="force kernel choices (A/B runs, debugging), e.g. layer_loop=python,lora=torch; parts: "
@@ -157,6 +160,7 @@ def run_serve(args: argparse.Namespace) -> int:
                     max_adapter_bytes=args.max_adapter_bytes,
                     max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                     kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
+                    scrub_freed_memory=not args.no_scrub,
                     num_threads=args.num_threads, max_waiting=args.max_waiting, kernels=args.kernels),
         max_waiting=args.max_waiting, api_keys=keys, admin_key=args.admin_key,
         share_groups={kid: name for name, ids in args.share_prefix_cache for kid in ids},

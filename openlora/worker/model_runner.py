@@ -78,6 +78,12 @@ class ModelRunner:
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs,
                  self.kv.numel() * self.kv.element_size() / 2**20)
 
+    @torch.inference_mode()
+    def zero_blocks(self, block_ids: list[int]) -> None:
+        """Zero these KV blocks in every layer (K and V): scrubbing freed memory."""
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        self.kv.index_fill_(2, idx, 0)  # [layers, 2, num_blocks, ...]: dim 2 is the block
+
     def release(self, request_id: str) -> None:
         """Forget per-request state (the request finished)."""
         self.generators.pop(request_id, None)

@@ -4,6 +4,8 @@ prefix cache is per tenant (a client salt narrows it, never widens it)."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -146,3 +148,32 @@ def test_same_name_with_new_weights_never_reuses_old_kv(server, assets):
     assert r.status_code == 200, r.text
     assert cached() == 0  # new weights: the old blocks are not reused
     assert httpx.delete(f"{url}/swap", headers=admin, timeout=60).status_code == 200
+
+
+def test_outputs_are_bit_identical_alone_and_beside_another_tenants_requests(server):
+    """alice's request, greedy with logprobs, alone and again while bob's longer requests (other adapters,
+    other lengths) run in the same batches: the same tokens and the same logprobs, bit for bit."""
+    import threading
+
+    alice, bob = _client(server, ALICE), _client(server, BOB)
+    ask = dict(model="a1", prompt="t5 t9 t33 t2 t71 t8", max_tokens=8, temperature=0, logprobs=3,
+               extra_body={"ignore_eos": True})
+    alone = alice.completions.create(**ask).choices[0]
+    started = threading.Barrier(4)
+
+    def bob_load(model: str, n: int) -> None:
+        started.wait()
+        bob.completions.create(model=model, prompt=" ".join(f"t{i}" for i in range(3, 3 + n)), max_tokens=40,
+                               extra_body={"ignore_eos": True})
+
+    threads = [threading.Thread(target=bob_load, args=a) for a in (("a2", 5), ("a3", 23), ("tiny", 12))]
+    for t in threads:
+        t.start()
+    started.wait()
+    time.sleep(0.2)  # bob's requests are running
+    beside = alice.completions.create(**ask).choices[0]
+    for t in threads:
+        t.join(120)
+    assert beside.text == alone.text
+    assert beside.logprobs.token_logprobs == alone.logprobs.token_logprobs
+    assert beside.logprobs.top_logprobs == alone.logprobs.top_logprobs
