@@ -81,7 +81,8 @@ def test_a_flooding_tenant_leaves_room_for_another(assets, tmp_path):
         return time.monotonic()
 
     try:
-        flood = [threading.Thread(target=lambda: done.append(call(API_KEY, 24))) for _ in range(16)]
+        # Each of alice's requests runs for 200 decode steps, long against bob's arrival on a loaded machine.
+        flood = [threading.Thread(target=lambda: done.append(call(API_KEY, 200))) for _ in range(16)]
         for t in flood:
             t.start()
         deadline = time.monotonic() + 60
