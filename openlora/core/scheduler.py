@@ -245,6 +245,8 @@ class Scheduler:
         """Fairness across tenants: one request per tenant in turn (the tenant with the fewest running
         requests first, then the one admitted longest ago), each tenant's own requests in `order`. So a
         flooding tenant cannot take every freed slot while another tenant waits. One tenant: unchanged."""
+        if not order or all(r.tenant == order[0].tenant for r in order):  # the common case: no dict per step
+            return order
         queues: dict[str, deque[Request]] = {}
         for r in order:
             q = queues.get(r.tenant)
