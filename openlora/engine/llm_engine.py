@@ -146,7 +146,7 @@ class LLMEngine:
 
     def _scrub(self) -> None:
         """Zero the KV blocks no request may read again (CacheConfig.scrub_freed_memory)."""
-        if self.kv.pool.scrub:
+        if self.config.cache.scrub_freed_memory:
             dirty = self.kv.take_dirty()
             if dirty:
                 self.runner.zero_blocks(dirty)
