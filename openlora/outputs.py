@@ -71,3 +71,4 @@ class UsageEvent:
     merge: dict | None = None  # merge parameters when the request used a merged adapter
     arrival_time: float = 0.0  # unix seconds
     finish_time: float = 0.0
+    commitment: str = ""  # 0x-hex HMAC of input and output, when the client asked for one (else "")

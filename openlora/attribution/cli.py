@@ -1,4 +1,6 @@
-"""`openlora ledger verify|balances|export|prove REQUEST_ID --ledger PATH`.
+"""`openlora ledger verify|balances|export|prove REQUEST_ID --ledger PATH`, and
+`openlora ledger check-commitment RECEIPT.json --key KEY --exchange EXCHANGE.json` (no ledger needed:
+anyone the client shows a receipt to can run it).
 
 The main CLI wires these in with `add_ledger_commands(subparsers)`; each subcommand stores its
 handler as `args.func`, which returns the process exit code. Output is JSON on stdout; `verify`
@@ -78,6 +80,46 @@ def _cmd_prove(args: argparse.Namespace) -> int:
         ledger.close()
 
 
+def check_commitment(receipt: dict, key: bytes, exchange: dict, node: str | None = None) -> str | None:
+    """Whether a receipt (its public JSON) is signed and commits to `exchange` = {"input", "output"}
+    under `key`. Returns the reason it does not, or None."""
+    from openlora.attribution import commitment
+    from openlora.attribution.receipts import Receipt, verify_receipt
+
+    try:
+        r = Receipt.from_dict(receipt)
+    except Exception as e:  # missing or mistyped fields
+        return f"not a receipt: {type(e).__name__}: {e}"
+    if receipt.get("receipt_id") and receipt["receipt_id"] != r.receipt_hash:
+        return f"receipt_id {receipt['receipt_id']} does not match its fields ({r.receipt_hash})"
+    bad = verify_receipt(r, expected_node=node)
+    if bad is not None:
+        return bad
+    if not r.commitment:
+        return "the receipt carries no commitment (the request did not ask for one)"
+    if not isinstance(exchange, dict) or "input" not in exchange or not isinstance(exchange.get("output"), list):
+        return 'the exchange must be a JSON object {"input": ..., "output": [text, ...]}'
+    if not commitment.verify(r.commitment, key, exchange["input"], exchange["output"]):
+        return "the commitment does not match this key, input and output"
+    return None
+
+
+def _cmd_check_commitment(args: argparse.Namespace) -> int:
+    from openlora.attribution import commitment
+
+    try:
+        receipt = json.loads(Path(args.receipt).read_text())
+        exchange = json.loads(Path(args.exchange).read_text())
+        key = commitment.parse_key(args.key)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    reason = check_commitment(receipt, key, exchange, node=args.node)
+    print(json.dumps({"ok": reason is None, "receipt_id": receipt.get("receipt_id"), "node": receipt.get("node"),
+                      **({"reason": reason} if reason else {})}))
+    return 0 if reason is None else 1
+
+
 def add_ledger_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `ledger` command group to an argparse subparsers object; returns its parser."""
     ledger = subparsers.add_parser("ledger", help="inspect and verify the attribution ledger")
@@ -101,6 +143,14 @@ def add_ledger_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
     common(p)
     p.add_argument("request_id")
     p.set_defaults(func=_cmd_prove)
+    p = sub.add_parser("check-commitment",
+                       help="check a receipt's signature and that it commits to an input and output (exit 1 if not)")
+    p.add_argument("receipt", help="the receipt JSON (as GET /v1/receipts/ID returns it)")
+    p.add_argument("--key", required=True, help="the commitment key from the response (0x + 64 hex)")
+    p.add_argument("--exchange", required=True, metavar="FILE",
+                   help='JSON {"input": prompt or messages as sent, "output": [generated text, ...]}')
+    p.add_argument("--node", default=None, help="also require the receipt to be signed by this address")
+    p.set_defaults(func=_cmd_check_commitment)
     return ledger
 
 

@@ -4,7 +4,8 @@ A receipt holds identities and counts only, never prompt or output text: request
 payer (tenant), base model id + hash, adapters (id, content hash, manifest version, composition
 weight in ppm, fee portion), datasets (id, hash/uri, weight, data amount), payouts (recipient, role,
 ref, amount), token counts, status, fee, timestamp (ms), sequence number and the previous receipt's
-hash (the ledger's hash chain).
+hash (the ledger's hash chain); and, when the client asked for one, a commitment to the request's
+input and output under a key only the client holds (`commitment.py`).
 
 Fee rule (integers only; prices are per 1,000 tokens in the token's smallest unit):
 
@@ -95,11 +96,21 @@ EIP712_TYPES: dict[str, list[dict[str, str]]] = {
     ],
 }
 
+# A receipt that carries a commitment (commitment.py) signs one more field, last. Receipts without
+# one keep the struct above, so their hashes (and every receipt already in a ledger) are unchanged.
+EIP712_TYPES_COMMITTED: dict[str, list[dict[str, str]]] = {
+    **EIP712_TYPES, "Receipt": [*EIP712_TYPES["Receipt"], {"name": "commitment", "type": "bytes32"}],
+}
+
 _DOMAIN_FIELDS = [{"name": "name", "type": "string"}, {"name": "version", "type": "string"}]
+_DOMAIN_WITH_CHAIN = [*_DOMAIN_FIELDS, {"name": "chainId", "type": "uint256"}]
 # Module-level schema objects (eip712 caches type hashes per schema object; never mutate them).
-_SCHEMA = {"EIP712Domain": _DOMAIN_FIELDS, **EIP712_TYPES}
-_SCHEMA_WITH_CHAIN = {
-    "EIP712Domain": [*_DOMAIN_FIELDS, {"name": "chainId", "type": "uint256"}], **EIP712_TYPES,
+# Keyed by (has chain id, has commitment).
+_SCHEMAS = {
+    (False, False): {"EIP712Domain": _DOMAIN_FIELDS, **EIP712_TYPES},
+    (True, False): {"EIP712Domain": _DOMAIN_WITH_CHAIN, **EIP712_TYPES},
+    (False, True): {"EIP712Domain": _DOMAIN_FIELDS, **EIP712_TYPES_COMMITTED},
+    (True, True): {"EIP712Domain": _DOMAIN_WITH_CHAIN, **EIP712_TYPES_COMMITTED},
 }
 
 
@@ -156,6 +167,7 @@ class Receipt:
     fee: int
     timestamp_ms: int
     prev_hash: str
+    commitment: str = ""  # 0x + 64 hex: HMAC of input and output under the client's key; "" = none
     chain_id: int = 0  # EIP-712 domain chainId; 0 = omitted
     signature: str = ""  # 0x + 130 hex
     receipt_hash: str = field(default="", compare=False)
@@ -168,6 +180,8 @@ class Receipt:
         """Every signed field as plain JSON types (no signature, no hash)."""
         # Hand-written (dataclasses.asdict deep-copies recursively: ~10x slower on this path).
         d = {f: getattr(self, f) for f in _BODY_SCALARS}
+        if not self.commitment:  # absent, not "": bodies of receipts without one stay as they were
+            del d["commitment"]
         d["adapters"] = [a.__dict__.copy() for a in self.adapters]
         d["datasets"] = [x.__dict__.copy() for x in self.datasets]
         d["payouts"] = [p.__dict__.copy() for p in self.payouts]
@@ -222,8 +236,10 @@ class Receipt:
             "fee": self.fee, "timestampMs": self.timestamp_ms,
             "prevHash": bytes.fromhex(self.prev_hash[2:]),
         }
+        if self.commitment:
+            msg["commitment"] = _bytes32(self.commitment)
         return {
-            "types": _SCHEMA_WITH_CHAIN if self.chain_id else _SCHEMA,
+            "types": _SCHEMAS[(bool(self.chain_id), bool(self.commitment))],
             "primaryType": "Receipt", "domain": domain, "message": msg,
         }
 
@@ -250,8 +266,19 @@ class Receipt:
         return out
 
     def summary(self) -> dict[str, Any]:
-        """What the HTTP response carries: {receipt_id, fee, splits}."""
-        return {"receipt_id": self.receipt_hash, "fee": self.fee, "splits": self.amounts_by_recipient()}
+        """What the HTTP response carries: {receipt_id, fee, splits} (+ commitment when there is one)."""
+        d = {"receipt_id": self.receipt_hash, "fee": self.fee, "splits": self.amounts_by_recipient()}
+        if self.commitment:
+            d["commitment"] = self.commitment
+        return d
+
+
+def _bytes32(text: str) -> bytes:
+    """0x + 64 hex -> 32 bytes (ValueError otherwise: `signable` reports it as a bad field)."""
+    raw = bytes.fromhex(text[2:]) if text.startswith("0x") else b""
+    if len(raw) != 32:
+        raise ValueError(f"commitment {text!r} is not 0x + 64 hex digits")
+    return raw
 
 
 _BODY_SCALARS = tuple(
@@ -320,7 +347,8 @@ def build_receipt(
         prompt_tokens=event.prompt_tokens, cached_tokens=event.cached_tokens,
         completion_tokens=event.completion_tokens, status=event.status,
         merge=json.dumps(event.merge, sort_keys=True, separators=(",", ":")) if event.merge else "",
-        fee=fee, timestamp_ms=int(round(ts * 1000)), prev_hash=prev_hash, chain_id=chain_id,
+        fee=fee, timestamp_ms=int(round(ts * 1000)), prev_hash=prev_hash, commitment=event.commitment,
+        chain_id=chain_id,
     )
     sm = unsigned.signable()
     digest = "0x" + eip712.digest(sm).hex()

@@ -61,6 +61,7 @@ class _Add:
     queue: asyncio.Queue
     future: Future
     cache_scope: str | None = None
+    seal: Callable[[list[str]], str] | None = None
 
 
 @dataclass
@@ -162,7 +163,8 @@ class AsyncEngine:
     # ---- loop-side API ----------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
                           adapters: AdapterSpec = None, tenant: str = "", merge: dict | None = None,
-                          queue: asyncio.Queue | None = None, cache_scope: str | None = None) -> asyncio.Queue:
+                          queue: asyncio.Queue | None = None, cache_scope: str | None = None,
+                          seal: Callable[[list[str]], str] | None = None) -> asyncio.Queue:
         """Queue a request; returns the asyncio.Queue its outputs arrive on (several requests may
         share one queue: outputs carry their request_id). Raises what LLMEngine.add_request raises,
         Overloaded when the waiting queue is full, ShuttingDown while draining."""
@@ -170,7 +172,7 @@ class AsyncEngine:
             raise ShuttingDown("the server is shutting down")
         q = queue if queue is not None else asyncio.Queue()
         fut: Future = Future()
-        self._post(_Add(request_id, prompt, params, adapters, tenant, merge, q, fut, cache_scope))
+        self._post(_Add(request_id, prompt, params, adapters, tenant, merge, q, fut, cache_scope, seal))
         try:
             await asyncio.wrap_future(fut)
         except asyncio.CancelledError:  # caller went away while we queued: do not run it for nobody
@@ -247,7 +249,7 @@ class AsyncEngine:
                     if eng.num_waiting() >= self.max_waiting:
                         raise Overloaded(f"too many queued requests ({eng.num_waiting()}); retry later")
                     eng.add_request(it.request_id, it.prompt, it.params, adapters=it.adapters,
-                                    tenant=it.tenant, merge=it.merge, cache_scope=it.cache_scope)
+                                    tenant=it.tenant, merge=it.merge, cache_scope=it.cache_scope, seal=it.seal)
                 except BaseException as e:  # goes back to the caller, who answers 4xx
                     log.debug("request %s refused: %s", it.request_id, type(e).__name__)
                     it.future.set_exception(e)

@@ -61,9 +61,11 @@ class LLMEngine:
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
                     adapters: AdapterSpec = None, tenant: str = "", merge: dict | None = None,
-                    cache_scope: str | None = None) -> None:
+                    cache_scope: str | None = None, seal: Callable[[list[str]], str] | None = None) -> None:
         """Validate and queue a request. Raises InvalidRequest / RequestTooLong / AdapterNotFound.
-        `tenant` is who pays (receipts); `cache_scope` the prefix-cache namespace (default: the tenant)."""
+        `tenant` is who pays (receipts); `cache_scope` the prefix-cache namespace (default: the tenant);
+        `seal`, given the finished samples' texts, makes the usage event's commitment
+        (openlora.attribution.commitment)."""
         if request_id in self.groups:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -109,7 +111,7 @@ class LLMEngine:
                 self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output))
         g = RequestGroup(request_id, text, ids, params, children, detoks, [[] for _ in children],
-                   tenant=tenant, merge=merge, sources=sources)
+                   tenant=tenant, merge=merge, sources=sources, seal=seal)
         self.groups[request_id] = g
         for i, c in enumerate(children):
             self.child_to_group[c.request_id] = (g, i)

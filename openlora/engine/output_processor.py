@@ -36,6 +36,7 @@ class RequestGroup:
     tenant: str = ""
     merge: dict | None = None
     sources: list[tuple[str, float]] | None = None  # merge sources (adapter id, weight)
+    seal: Callable[[list[str]], str] | None = None  # texts -> commitment (holds hash state, no text)
     arrival_wall: float = field(default_factory=time.time)
 
     @property
@@ -136,6 +137,8 @@ class OutputProcessor:
             completion_tokens=sum(c.num_output_tokens for c in g.children), status=status,
             finish_reason=first.status.finish_reason, merge=g.merge, arrival_time=g.arrival_wall,
             finish_time=time.time(),
+            # Only a finished request's text is what the client received in full: commit to that alone.
+            commitment=g.seal([d.output_text for d in g.detoks]) if g.seal and status == "finished" else "",
         )
         for fn in listeners:
             try:

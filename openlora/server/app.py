@@ -323,9 +323,11 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse({"status": "ok", "model": state.model_id})
 
     @app.get("/v1/state")
-    async def node_state_route() -> dict:
-        """What a router needs: residency of every adapter, free slots, queue, KV use, node id."""
-        return node_state(state, await state.engine.call(snapshot))
+    async def node_state_route(raw: Request) -> dict:
+        """What a router needs: residency of every adapter the caller may use, free slots, queue, KV
+        use, node id."""
+        caller = state.viewer(raw)
+        return node_state(state, await state.engine.call(snapshot), lambda a: may_use(state, a, caller))
 
     install_explorer_routes(app, state, state.chain_deployment)
     if state.settler is not None:
@@ -333,10 +335,14 @@ def create_app(state: ServerState) -> FastAPI:
     mount_web(app, network_map=state.chain_deployment is not None, wallet=state.settler is not None)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(raw: Request) -> Response:
+        """Prometheus exposition. Series of private adapters appear only for callers who may use them
+        (scrape with the admin key as bearer to see every adapter)."""
+        caller = state.viewer(raw)
         snap = await state.engine.call(snapshot)
         snap["step_errors"] = state.engine.step_errors
-        return Response(state.metrics.render(snap), media_type=CONTENT_TYPE_LATEST)
+        hidden = frozenset(a for a in snap["adapters"] if not may_use(state, a, caller))
+        return Response(state.metrics.render(snap, hidden), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -73,8 +73,9 @@ class Metrics:
         self.fees.labels((adapters or [BASE])[0]).inc(fee)
 
     # ---- scrape -----------------------------------------------------------------------------
-    def render(self, snap: dict[str, Any]) -> bytes:
-        """Refresh the engine gauges from `snapshot()` and return the exposition text."""
+    def render(self, snap: dict[str, Any], hidden: frozenset[str] = frozenset()) -> bytes:
+        """Refresh the engine gauges from `snapshot()` and return the exposition text, without the
+        series labelled with a `hidden` adapter (private adapters the scraper may not see)."""
         self.kv_usage.set(snap["kv_usage"])
         self.num_running.set(snap["num_running"])
         self.num_waiting.set(snap["num_waiting"])
@@ -98,7 +99,19 @@ class Metrics:
             self.adapters_by_state.labels(s).set(tally.get(s, 0))
         for k, v in snap["lora_stats"].items():
             self.adapter_loads.labels(k).set(v)
-        return generate_latest(self.registry)
+        return generate_latest(_Without(self.registry, hidden) if hidden else self.registry)
+
+
+class _Without:
+    """A view of a registry whose samples skip those labelled `adapter=` one of `hidden`."""
+
+    def __init__(self, registry: CollectorRegistry, hidden: frozenset[str]) -> None:
+        self.registry, self.hidden = registry, hidden
+
+    def collect(self):
+        for family in self.registry.collect():  # fresh Metric objects on every collect()
+            family.samples = [s for s in family.samples if s.labels.get("adapter") not in self.hidden]
+            yield family
 
 
 def snapshot(engine: LLMEngine) -> dict[str, Any]:

@@ -9,6 +9,7 @@ loading / ...) and the number of free device slots.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -16,10 +17,14 @@ from starlette.requests import Request
 ADAPTER_STATE_HEADER = "x-openlora-adapter-state"
 
 
-def node_state(state: Any, snap: dict[str, Any]) -> dict[str, Any]:
-    """The `/v1/state` document from a metrics `snapshot()` taken on the engine thread."""
-    adapters = {a: s for a, (s, _) in snap["adapters"].items()}
+def node_state(state: Any, snap: dict[str, Any], visible: Callable[[str], bool]) -> dict[str, Any]:
+    """The `/v1/state` document from a metrics `snapshot()` taken on the engine thread. Adapters the
+    caller may not use (`visible` false) are left out: a private adapter's name and residency are not
+    published, so a gateway routes it by load and price only (free_slots still counts its slot)."""
+    all_states = {a: s for a, (s, _) in snap["adapters"].items()}
+    adapters = {a: s for a, s in all_states.items() if visible(a)}
     resident = sorted(a for a, s in adapters.items() if s == "resident")
+    n_resident = sum(1 for s in all_states.values() if s == "resident")
     lora = state.lora
     att = state.attribution
     sched = state.engine.engine.config.scheduler
@@ -32,7 +37,7 @@ def node_state(state: Any, snap: dict[str, Any]) -> dict[str, Any]:
         "adapters": adapters,
         "resident_adapters": resident,
         "max_loras": lora.max_loras,
-        "free_slots": max(0, lora.max_loras - len(resident)),
+        "free_slots": max(0, lora.max_loras - n_resident),
         "running": snap["num_running"],
         "waiting": snap["num_waiting"],
         "max_num_seqs": sched.max_num_seqs,

@@ -55,6 +55,10 @@ class _Extensions(_Wire):
         description="Narrows this request's prefix-cache namespace (as vLLM's cache_salt). The server always "
                     "scopes the cache to the caller's tenant; a salt can only split it further, never join "
                     "another tenant's.")
+    commit: bool = Field(
+        False, description="Sign a commitment to this request's input and output into its receipt: an "
+                           "HMAC-SHA256 under a fresh key returned only in this response (`attribution."
+                           "commitment_key`). The node keeps neither the key nor the text.")
 
 
 class _OpenAICompletion(_Wire):

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from openlora.attribution import commitment
 from openlora.engine.tokenizer import apply_chat_template
 from openlora.errors import InvalidRequest, OpenLoRAError
 from openlora.outputs import CompletionOutput, RequestOutput
@@ -87,22 +88,30 @@ class _Run:
         self.done: set[str] = set()
         self.closed = False
         self.t0 = time.perf_counter()
+        self.commit_key: bytes | None = None  # in memory only, until the response is sent
 
     def request_ids(self, n: int) -> list[str]:
         """The engine request ids of an HTTP request with `n` prompts."""
         return [self.base_id] if n == 1 else [f"{self.base_id}-{i}" for i in range(n)]
 
     async def start(self, prompts: list[str | list[int]], params: SamplingParams, adapters, caller: Caller,
-                    body: CompletionRequest | ChatCompletionRequest) -> None:
+                    body: CompletionRequest | ChatCompletionRequest, inputs: list[Any]) -> None:
+        """Queue one engine request per prompt; `inputs[i]` is what a commitment covers for prompt i
+        (the client's own form of it: prompt string or ids, or the chat messages)."""
         st = self.st
         tenant, merge = caller.tenant, body.merge
         scope = st.tenancy.cache_scope(caller, body.cache_salt)
+        if body.commit:
+            if not st.receipts:
+                raise InvalidRequest("commit needs receipts: this server runs without attribution")
+            self.commit_key = commitment.new_key()
         try:
-            for rid, p in zip(self.request_ids(len(prompts)), prompts):
+            for rid, p, inp in zip(self.request_ids(len(prompts)), prompts, inputs):
                 self.receipts[rid] = st.receipts.expect(rid) if st.receipts else None
+                seal = commitment.sealer(self.commit_key, inp) if self.commit_key else None
                 try:
                     await st.engine.add_request(rid, p, params, adapters=adapters, tenant=tenant, merge=merge,
-                                                queue=self.queue, cache_scope=scope)
+                                                queue=self.queue, cache_scope=scope, seal=seal)
                 except BaseException:
                     if st.receipts:
                         st.receipts.discard(rid)
@@ -173,6 +182,9 @@ class _Run:
         if not self.st.receipts:
             return None
         sums = [await self.st.receipt_summary(self.receipts.get(rid)) for rid in self.ids]
+        if self.commit_key is not None:  # the only copy of the key leaves with the response
+            key = "0x" + self.commit_key.hex()
+            sums = [{**s, "commitment_scheme": commitment.SCHEME, "commitment_key": key} if s else s for s in sums]
         return sums[0] if len(sums) == 1 else sums
 
 
@@ -281,7 +293,7 @@ async def create_completion(body: CompletionRequest, raw: Request, st: ServerSta
     run = _Run(st, f"cmpl-{uuid.uuid4().hex}")
     n_prompt = [len(p) if isinstance(p, list) else len(st.tokenizer(p)["input_ids"]) for p in prompts]
     await _admit_payment(st, run, auth, key_id, names, n_prompt, params)
-    await run.start(prompts, params, adapters, caller, body)
+    await run.start(prompts, params, adapters, caller, body, inputs=prompts)
     n = body.n
     created = int(time.time())
 
@@ -438,7 +450,9 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, st: 
     params = _params(body, body.max_completion_tokens or body.max_tokens, top if body.logprobs else None)
     run = _Run(st, f"chatcmpl-{uuid.uuid4().hex}")
     await _admit_payment(st, run, auth, key_id, names, [len(ids)], params)
-    await run.start([ids], params, adapters, caller, body)
+    # The commitment covers the messages as sent (the fields the client set), not the rendered template.
+    inputs = [body.model_dump(exclude_unset=True)["messages"]] if body.commit else [None]
+    await run.start([ids], params, adapters, caller, body, inputs=inputs)
     created = int(time.time())
 
     if not body.stream:

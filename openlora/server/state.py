@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import Request
 
 from openlora.engine.async_engine import AsyncEngine
+from openlora.errors import OpenLoRAError
 from openlora.outputs import UsageEvent
 from openlora.server.errors import Unauthorized
 from openlora.server.limits import TenantLimits
@@ -132,6 +133,14 @@ class ServerState:
         key_id, auth = self.caller(request)
         return Caller(key_id=key_id, payer=auth.payer if auth else None, user=user,
                       authenticated=bool(self.api_keys) or self.payments is not None), auth
+
+    def viewer(self, request: Request) -> Caller:
+        """who(), for the public read-only routes (/v1/state, /metrics): a missing or bad credential
+        makes an anonymous caller, who sees only public adapters, rather than a 401."""
+        try:
+            return self.who(request)[0]
+        except OpenLoRAError:
+            return Caller(authenticated=True)
 
     def admit(self, caller: Caller) -> None:
         """The tenant's rate limit and token quota (429 with Retry-After); the admin key is exempt."""

@@ -51,9 +51,10 @@ def test_receipt_has_no_text_and_round_trips(make_service):
 @given(
     n_adapters=st.integers(0, 3), prompt=st.integers(0, 10**9), completion=st.integers(0, 10**9),
     request_id=st.text(min_size=1, max_size=40), chain_id=st.sampled_from([0, 1, 8453]),
+    commitment=st.one_of(st.just(""), st.binary(min_size=32, max_size=32).map(lambda b: "0x" + b.hex())),
 )
 def test_fast_encoder_matches_eth_account(identity, tmp_path_factory, n_adapters, prompt, completion,
-                                          request_id, chain_id):
+                                          request_id, chain_id, commitment):
     from attr_helpers import manifest_dict
 
     from openlora.attribution.manifest import DefaultPolicy, parse_manifest
@@ -62,8 +63,32 @@ def test_fast_encoder_matches_eth_account(identity, tmp_path_factory, n_adapters
     m = parse_manifest(manifest_dict())
     ev = event(adapters=[(f"ad{i}", 0.5 + i) for i in range(n_adapters)], prompt=prompt,
                completion=completion, request_id=request_id)
+    ev = replace(ev, commitment=commitment)
     r = build_receipt(ev, seq=7, node=identity.address, operator=identity.address,
                       manifests=[m] * n_adapters, base_manifest=DefaultPolicy(3, 5).manifest_for(identity.address, "b"),
                       prev_hash=ZERO_HASH, sign=identity.sign, chain_id=chain_id)
     assert encode_typed_data(full_message=r.typed_data()) == r.signable()
     assert Account.recover_message(r.signable(), signature=bytes.fromhex(r.signature[2:])) == identity.address
+
+
+def test_a_commitment_is_signed_and_receipts_without_one_keep_their_hash(make_service, identity):
+    """The commitment field joins the signed struct only when present: a receipt without one hashes
+    under the original struct (receipts already in ledgers stay valid), one with it under the longer
+    struct, and both verify with stock eth-account."""
+    from openlora.attribution.receipts import EIP712_TYPES
+
+    svc = make_service()
+    plain = svc.record(event(request_id="r-plain"))
+    assert "commitment" not in plain.to_dict() and plain.typed_data()["types"]["Receipt"] == EIP712_TYPES["Receipt"]
+    sealed = svc.record(replace(event(request_id="r-sealed"), commitment="0x" + "5a" * 32))
+    types = sealed.typed_data()["types"]["Receipt"]
+    assert types[:-1] == EIP712_TYPES["Receipt"] and types[-1] == {"name": "commitment", "type": "bytes32"}
+    assert encode_typed_data(full_message=sealed.typed_data()) == sealed.signable()
+    assert verify_receipt(sealed, expected_node=identity.address) is None
+    assert sealed.summary()["commitment"] == "0x" + "5a" * 32
+    assert Receipt.from_dict(sealed.to_dict()) == sealed
+    # The commitment is signed: changing it breaks the signature.
+    forged = replace(sealed, commitment="0x" + "5b" * 32)
+    assert "signature recovers" in verify_receipt(replace(forged, receipt_hash=forged.compute_hash()))
+    # Both kinds sit in one ledger whose verification passes.
+    assert svc.ledger.verify() is None

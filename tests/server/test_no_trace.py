@@ -1,6 +1,6 @@
 """No trace left: a canary string sent in prompts (completions, chat, streaming, failing requests) is found
-nowhere on disk after the server stops (cache dir, ledger, node key, its log at DEBUG level), and the
-serving process may not write core dumps."""
+nowhere on disk after the server stops (cache dir, ledger, node key, its log at DEBUG level), nor is a
+commitment's key, and the serving process may not write core dumps."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def test_a_canary_in_prompts_is_found_nowhere_after_the_server_stops(assets, tmp
         assert c.completions.create(model="a1", prompt=prompt, max_tokens=3).choices
         list(c.completions.create(model="a2", prompt=prompt, max_tokens=3, stream=True))
         msgs = [{"role": "user", "content": prompt}]
-        assert c.chat.completions.create(model="tiny", messages=msgs, max_tokens=3).choices
+        chat = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, extra_body={"commit": True})
+        key = chat.model_extra["attribution"]["commitment_key"]  # the client's alone: never written down
         failing = [  # each fails alone, with its prompt in the request
             lambda: c.completions.create(model="a1", prompt=" ".join([CANARY] * 200), max_tokens=3),  # too long
             lambda: c.completions.create(model="nosuch", prompt=prompt, max_tokens=3),  # unknown adapter
@@ -67,3 +68,5 @@ def test_a_canary_in_prompts_is_found_nowhere_after_the_server_stops(assets, tmp
     needle = CANARY.encode()
     assert _files_holding(tmp, needle) == []  # the log, the ledger (+ WAL), the node key
     assert _files_holding(cache_dir(), needle) == []
+    for form in (key.encode(), bytes.fromhex(key[2:])):  # a commitment's key, as hex or raw bytes
+        assert _files_holding(tmp, form) == [] and _files_holding(cache_dir(), form) == []
