@@ -10,6 +10,10 @@ Math of one module (PEFT `Linear.forward`): `y = base(x) + scaling * (x @ A^T) @
 (`lora_alpha / sqrt(r)` with `use_rslora`), where r and lora_alpha may be overridden per module by
 `rank_pattern` / `alpha_pattern` (first pattern key `k` such that `re.match(rf"(.*\\.)?({k})$", module)`).
 
+Other adapter types (openlora.lora.adapter_types): VeRA is converted exactly to LoRA at load; LoHa, LoKr,
+OFT, IA3, AdaLoRA..., LoRA trained against a modified base (PiSSA, OLoRA, CorDA, LoftQ) and LyCORIS /
+kohya files are refused with UnsupportedAdapter naming the type and the fix.
+
 NOTE: the base-model name an adapter records (`base_model_name_or_path`) is advisory only: the same
 weights are often published under several names (mirrors, local copies, quantized repos), so a name
 mismatch is logged as a warning and the tensor shapes, checked against the served model's
@@ -33,6 +37,7 @@ import torch
 
 from openlora.config import LORA_SITES, ModelShape
 from openlora.errors import AdapterLoadError, UnsupportedAdapter
+from openlora.lora.adapter_types import check_adapter_type, check_foreign_keys, vera_to_lora
 from openlora.lora.file_checks import check_safetensors, check_size
 
 logger = logging.getLogger(__name__)
@@ -172,9 +177,7 @@ def _read_tensors(folder: Path, max_bytes: int) -> tuple[Path, dict[str, torch.T
 def _check_config_features(cfg: dict[str, Any], cfg_path: Path) -> None:
     """Reject configs using features OpenLoRA does not implement (UnsupportedAdapter names each)."""
     where = f"adapter {cfg_path}"
-    peft_type = cfg.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
-        raise UnsupportedAdapter(f"{where}: peft_type {peft_type!r} is not supported (only LORA)")
+    check_adapter_type(cfg, where)  # LORA or VERA; refuses LoHa, LoKr, ... and PiSSA-style inits (adapter_types)
     if cfg.get("use_dora"):
         raise UnsupportedAdapter(f"{where}: use_dora (DoRA) is not supported")
     if cfg.get("bias", "none") != "none":
@@ -199,6 +202,10 @@ def _check_config_features(cfg: dict[str, Any], cfg_path: Path) -> None:
     elif tm is not None and not isinstance(tm, str):
         raise AdapterLoadError(f"{where}: target_modules must be a list or a string, got {tm!r}")
     _check_config_types(cfg, where)
+
+
+def _is_vera(cfg: dict[str, Any]) -> bool:
+    return str(cfg.get("peft_type", "LORA")).upper() == "VERA"
 
 
 def _is_int(x: Any) -> bool:
@@ -338,9 +345,11 @@ def load_peft_adapter(
     path: str | Path, adapter_id: str, shape: ModelShape, *, expected_base_model: str | None = None,
     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
 ) -> LoRAAdapter:
-    """Parse a PEFT LoRA folder into fp32 host tensors, checked against the served model's shape.
+    """Parse a PEFT LoRA (or VeRA, converted exactly: adapter_types) folder into fp32 host tensors, checked
+    against the served model's shape.
 
-    Raises UnsupportedAdapter (DoRA, embed_tokens / lm_head, bias, modules_to_save, other targets) or
+    Raises UnsupportedAdapter (DoRA, embed_tokens / lm_head, bias, modules_to_save, other targets, other
+    adapter types, PiSSA-style inits, LyCORIS / kohya files) or
     AdapterLoadError (missing files, bad JSON, shape or layer mismatches; messages name file and key).
     A differing `expected_base_model` only logs a warning (see the module NOTE). A weights file above
     `max_bytes`, a malformed safetensors header, or NaN / infinite values are AdapterLoadError too.
@@ -350,13 +359,17 @@ def load_peft_adapter(
     cfg_path = folder / CONFIG_NAME
     _check_config_features(cfg, cfg_path)
     wpath, sd = _read_tensors(folder, max_bytes)
+    check_foreign_keys(sd, wpath)  # LyCORIS / kohya files (DoRA's dora_scale, LoHa, lora_down...)
+    math_cfg = cfg  # what r / alpha / patterns are read from: VeRA becomes LoRA with scaling 1.0
+    if _is_vera(cfg):
+        sd, math_cfg = vera_to_lora(sd, cfg, shape, wpath, max_bytes)
     groups = _group_keys(sd, wpath)
 
-    r_default: int = cfg.get("r", 8)
-    alpha_default: float = cfg.get("lora_alpha", 8)
-    rank_pattern: dict[str, int] = cfg.get("rank_pattern") or {}
-    alpha_pattern: dict[str, float] = cfg.get("alpha_pattern") or {}
-    rslora = bool(cfg.get("use_rslora", False))
+    r_default: int = math_cfg.get("r", 8)
+    alpha_default: float = math_cfg.get("lora_alpha", 8)
+    rank_pattern: dict[str, int] = math_cfg.get("rank_pattern") or {}
+    alpha_pattern: dict[str, float] = math_cfg.get("alpha_pattern") or {}
+    rslora = bool(math_cfg.get("use_rslora", False))
 
     modules: dict[tuple[int, str], LoRAModule] = {}
     for module, parts in groups.items():
@@ -434,7 +447,13 @@ def infer_shape(paths: list[str | Path]) -> ModelShape:
         folder = Path(p)
         cfg = _read_config(folder)
         _check_config_features(cfg, folder / CONFIG_NAME)
+        if _is_vera(cfg):
+            raise UnsupportedAdapter(
+                f"adapter {folder}: a VeRA adapter does not reveal the model's shape (its projections are shared "
+                f"and sliced per module): give the base model folder (--base-model) to check it against"
+            )
         wpath, sd = _read_tensors(folder, DEFAULT_MAX_ADAPTER_BYTES)
+        check_foreign_keys(sd, wpath)
         for module, parts in _group_keys(sd, wpath).items():
             site = module.split(".")[-1]
             layer = _layer_index(module, cfg.get("layers_pattern"))

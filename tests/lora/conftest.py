@@ -1,7 +1,8 @@
-"""Tiny random Llama / Qwen2 models and PEFT adapters for the adapter and merge tests.
+"""Tiny random Llama / Qwen2 models and PEFT adapters for the adapter and merge tests, and the helpers
+that run the engine and a reference model side by side.
 
-Test files get the helpers through fixtures (`save_peft`, `tiny_base`): tests/ has no __init__.py,
-so conftest is not importable as a module.
+Test files get the helpers through fixtures (`save_peft`, `tiny_base`, `run_engine`, `hf_logits`):
+tests/ has no __init__.py, so conftest is not importable as a module.
 """
 
 from __future__ import annotations
@@ -53,6 +54,43 @@ def save_peft(base: torch.nn.Module, folder: Path, seed: int, **lora_kw: Any):
     pm = peft_model(base, seed, **lora_kw)
     pm.save_pretrained(str(folder))
     return pm
+
+
+def run_engine(llm, prompts: list[list[int]], adapters: list, max_tokens: int = 6):
+    """Greedy-generate `prompts` in one batch; returns (outputs, rows) where rows[i] lists prompt i's fp32
+    logits ([vocab] each) at every sampled position, as the engine's model runner captured them."""
+    from openlora import SamplingParams
+
+    cap: list = []
+    llm.engine.runner.capture_logits = cap
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                            adapters=adapters)
+    finally:
+        llm.engine.runner.capture_logits = None
+    first = int(outs[0].request_id.split("-")[1])  # request ids are gen-<n>, consecutive within a call
+    rows: dict[int, list] = {}
+    for rid, row in cap:
+        rows.setdefault(int(rid.split("-")[1]) - first, []).append(row)
+    return outs, rows
+
+
+def hf_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """A Hugging Face / PEFT model's logits over `ids` in one forward, [len(ids), vocab]."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+@pytest.fixture(scope="session", name="run_engine")
+def run_engine_fixture():
+    """The `run_engine(llm, prompts, adapters, max_tokens=6) -> (outputs, rows)` helper."""
+    return run_engine
+
+
+@pytest.fixture(scope="session", name="hf_logits")
+def hf_logits_fixture():
+    """The `hf_logits(model, ids) -> [len(ids), vocab]` helper."""
+    return hf_logits
 
 
 @pytest.fixture(scope="session", name="save_peft")

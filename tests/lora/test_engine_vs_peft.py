@@ -64,20 +64,7 @@ def peft_logits(model_path: Path, adapter: Path | None, ids: list[int]) -> torch
         return m(torch.tensor([ids])).logits[0]
 
 
-def run_engine(llm: LLM, prompts, adapters, max_tokens=6):
-    cap: list = []
-    llm.engine.runner.capture_logits = cap
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-                        adapters=adapters)
-    llm.engine.runner.capture_logits = None
-    first = int(outs[0].request_id.split("-")[1])
-    rows: dict[int, list] = {}
-    for rid, row in cap:
-        rows.setdefault(int(rid.split("-")[1]) - first, []).append(row)
-    return outs, rows
-
-
-def test_mixed_batch_matches_peft_per_adapter(setup):
+def test_mixed_batch_matches_peft_per_adapter(setup, run_engine):
     path, adapters = setup
     llm = LLM(str(path), dtype="float32", block_size=4, num_kv_blocks=256, max_loras=16,
               # budget 64 < total prompt tokens: chunked prefill in the mix
@@ -102,7 +89,7 @@ def test_mixed_batch_matches_peft_per_adapter(setup):
         assert torch.equal(torch.stack(plain_rows[i]), torch.stack(rows[i]))
 
 
-def test_weighted_composition_equals_peft_cat(setup):
+def test_weighted_composition_equals_peft_cat(setup, run_engine):
     from peft import PeftModel
 
     path, adapters = setup
