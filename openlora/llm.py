@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -130,4 +131,6 @@ class LLM:
             for out in self.engine.step(finished_only=True):
                 if out.finished:
                     final[out.request_id] = out
+            if self.engine.last_step_idle:  # waiting on adapter loads: leave the CPU to the loaders
+                time.sleep(0.001)
         return [final[i] for i in ids]

@@ -50,6 +50,8 @@ class ShuttingDown(OpenLoRAError):
 StreamItem = RequestOutput | BaseException
 
 
+IDLE_WAIT_S = 0.005  # longest sleep of an engine loop whose requests all wait (see _run)
+
 @dataclass
 class _Add:
     request_id: str
@@ -92,6 +94,9 @@ class AsyncEngine:
         self.draining = False  # set at shutdown: no new requests
         self.num_in_flight = 0  # requests admitted and not finished (read on the loop side only)
         self.step_errors = 0
+        self._woken = False  # an adapter load ended since the loop last looked (guarded by _cond)
+        if engine.lora is not None:
+            engine.lora.on_load_done(self._wake)
 
     @classmethod
     def build(cls, factory: Callable[[], LLMEngine], *, max_waiting: int | None = None) -> AsyncEngine:
@@ -216,6 +221,12 @@ class AsyncEngine:
         self._post(_Call(fn, fut))
         return await asyncio.wrap_future(fut)
 
+    def _wake(self) -> None:
+        """An adapter load ended (a loader thread): an idle loop may have work again."""
+        with self._cond:
+            self._woken = True
+            self._cond.notify()
+
     def _post(self, item: _Add | _Abort | _Call) -> None:
         with self._cond:
             self._inbox.append(item)
@@ -228,6 +239,11 @@ class AsyncEngine:
             with self._cond:
                 while not self._inbox and not self._stop and not eng.has_unfinished_requests():
                     self._cond.wait()
+                if eng.last_step_idle and not (self._inbox or self._stop or self._woken):
+                    # Requests wait on adapter loads: sleep until one ends (or a new item arrives), at
+                    # most IDLE_WAIT_S, since a slot's time slice also ends by the clock alone.
+                    self._cond.wait(IDLE_WAIT_S)
+                self._woken = False
                 items, self._inbox = self._inbox, []
                 if self._stop and not items:
                     break

@@ -57,6 +57,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.outputs = OutputProcessor(self)
         self.stats = self.outputs.stats  # steps, tokens, generation tokens
+        self.last_step_idle = False  # see step()
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
@@ -144,7 +145,11 @@ class LLMEngine:
         out = self.runner.execute(sched) if not sched.empty else None
         progressed = self.scheduler.update(sched, out.sampled) if out is not None else []
         self._scrub()  # blocks of the requests that just finished
-        return self.outputs.process(sched, out, progressed, finished_only)
+        outputs = self.outputs.process(sched, out, progressed, finished_only)
+        # Nothing ran and nothing changed: every unfinished request waits on an adapter load (or a slot's
+        # time slice). The server's loop then sleeps until a load ends rather than stepping again at once.
+        self.last_step_idle = sched.empty and not sched.failed and not sched.preempted and not outputs
+        return outputs
 
     def _scrub(self) -> None:
         """Zero the KV blocks no request may read again (CacheConfig.scrub_freed_memory)."""

@@ -46,6 +46,9 @@ class HostCache:
         self._lru: OrderedDict[AdapterEntry, None] = OrderedDict()  # packed in host memory, LRU first
         self._want: OrderedDict[AdapterEntry, None] = OrderedDict()  # to prefetch, in queue order
         self.num_loading = 0
+        # Called (without the lock) when a load ends, loaded or failed: an idle engine loop waits for it
+        # instead of spinning, which on two cores would take the CPU and the GIL from the loader itself.
+        self.on_done: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -122,6 +125,13 @@ class HostCache:
 
     def load(self, e: AdapterEntry) -> None:
         """Load one adapter into host memory; the caller called start_loading(e)."""
+        try:
+            self._load(e)
+        finally:
+            if self.on_done is not None:
+                self.on_done()
+
+    def _load(self, e: AdapterEntry) -> None:
         t0 = time.perf_counter()
         try:
             adapter = self.read(e)

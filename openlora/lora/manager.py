@@ -63,6 +63,10 @@ class LoRAManager:
                                  scrub=config.cache.scrub_freed_memory)
         self._req: dict[str, list[AdapterEntry]] = {}  # request id -> its entries (survives re-register)
 
+    def on_load_done(self, fn: Callable[[], None]) -> None:
+        """Call `fn` (on a loader thread, without the lock) whenever a background load ends."""
+        self.host_cache.on_done = fn
+
     def _pack(self, adapter: LoRAAdapter):
         return self.slots.pack(adapter)
 
