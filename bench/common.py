@@ -183,8 +183,9 @@ def emit(result: dict) -> None:
 
 def write_random_adapter(path: Path, *, r: int, targets: tuple[str, ...], seed: int, layers: int = 30,
                          hidden: int = 576, kv: int = 192, inter: int = 1536, alpha: int = 16,
-                         base: str = "smol135m") -> Path:
-    """A PEFT-format LoRA adapter with random A and B (non-zero B) for the SmolLM2-135M shape."""
+                         base: str = "smol135m", dora: bool = False) -> Path:
+    """A PEFT-format LoRA adapter with random A and B (non-zero B) for the SmolLM2-135M shape; with
+    `dora`, a DoRA adapter (PEFT's use_dora: a random positive magnitude per output row)."""
     import json
 
     from safetensors.torch import save_file
@@ -201,11 +202,14 @@ def write_random_adapter(path: Path, *, r: int, targets: tuple[str, ...], seed: 
             pre = f"base_model.model.model.layers.{layer}.{kind[t]}.{t}"
             tensors[f"{pre}.lora_A.weight"] = torch.randn(r, fin, generator=g) / fin ** 0.5
             tensors[f"{pre}.lora_B.weight"] = torch.randn(fout, r, generator=g) * 0.01
+            if dora:
+                tensors[f"{pre}.lora_magnitude_vector"] = torch.rand(fout, generator=g) + 0.5
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
     (path / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "target_modules": list(targets),
-        "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": base, "use_rslora": False}))
+        "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": base, "use_rslora": False,
+        "use_dora": dora}))
     return path
 
 

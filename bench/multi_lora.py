@@ -1,5 +1,7 @@
 """Mixed-adapter throughput: 32 requests for 32 distinct adapters (32 prompt + 64 new tokens each)
-on the SmolLM2-135M shape, in two adapter shapes (r=16 on all seven projections; r=8 on q and v).
+on the SmolLM2-135M shape, in two adapter shapes (r=16 on all seven projections; r=8 on q and v), and
+on request DoRA adapters (`dora_r8_qv`: r=8 on q and v with use_dora), which are also measured against
+32 plain LoRA adapters of the same shape in alternating rounds (`ratio_vs_lora_same_shape`).
 
 Prints JSON per (dtype, shape): tokens/s, the ratio to this engine's own base-model run, the ratio
 to PEFT's mixed-batch `generate(..., adapter_names=...)`, and the roofline ratio counting the
@@ -7,7 +9,7 @@ adapters' FLOPs and the distinct adapters' bytes. All measured in the same run; 
 mixed-adapter runs alternate round by round and the ratio is the median of the per-round ratios.
 
 Run: python bench/multi_lora.py [--model random|default|PATH] [--dtypes float32,bfloat16]
-     [--shapes r16_all,r8_qv] [--skip-peft]
+     [--shapes r16_all,r8_qv,dora_r8_qv] [--skip-peft]
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from common import (  # noqa: E402
 )
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SHAPES = {"r16_all": (16, ALL), "r8_qv": (8, ("q_proj", "v_proj"))}
+SHAPES = {"r16_all": (16, ALL), "r8_qv": (8, ("q_proj", "v_proj")), "dora_r8_qv": (8, ("q_proj", "v_proj"))}
+LORA_PEER = {"dora_r8_qv": "r8_qv"}  # a DoRA shape -> the plain LoRA shape it is measured against
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DIMS = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
         "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}
@@ -46,7 +49,19 @@ def adapters_for(shape: str, n: int) -> list[Path]:
     r, targets = SHAPES[shape]
     root = bench_root() / f"multi_{shape}"
     return [p if (p := root / f"a{i:02d}").joinpath("adapter_model.safetensors").is_file()
-            else write_random_adapter(p, r=r, targets=targets, seed=1000 + i) for i in range(n)]
+            else write_random_adapter(p, r=r, targets=targets, seed=1000 + i, dora=shape in LORA_PEER)
+            for i in range(n)]
+
+
+def register(llm, shape: str, n: int) -> list[str]:
+    """Register `n` adapters of `shape` (once per engine); returns their names."""
+    names = []
+    for i, p in enumerate(adapters_for(shape, n)):
+        name = f"{shape}-{i:02d}"
+        if llm.lora.card(name) is None:
+            llm.register_adapter(name, str(p))
+        names.append(name)
+    return names
 
 
 def peft_numbers(model_dir, paths, prompts, dtype, new: int, runs: int) -> tuple[float, float]:
@@ -83,19 +98,14 @@ def main() -> None:
         machine = measure_machine(dtype)
         # No prefix caching: the timed runs repeat the same prompts (see bench/throughput.py).
         llm = LLM(str(model_dir), dtype=dname, max_model_len=256, kv_cache_memory=256 << 20, max_loras=32,
-                  max_cpu_loras=64, lora_pool_rows=32 * 16, enable_prefix_caching=False)
+                  max_cpu_loras=96, lora_pool_rows=32 * 16, enable_prefix_caching=False)
         m = llm.config.model
         counts = model_counts(m)
         lin, total = counts["linear_params"], counts["total_params"]
         kv_tok = 2 * m.num_layers * m.num_kv_heads * m.head_dim * elem
         for shape in args.shapes.split(","):
             paths = adapters_for(shape, n)
-            names = []
-            for i, p in enumerate(paths):
-                name = f"{shape}-{i:02d}"
-                if llm.lora.card(name) is None:
-                    llm.register_adapter(name, str(p))
-                names.append(name)
+            names = register(llm, shape, n)
             # Base-only and mixed-adapter runs alternate round by round (see common.paired_runs).
             pr = paired_runs(lambda k, llm=llm: time_generate(llm, prompts, k),
                              lambda k, llm=llm, names=names: time_generate(llm, prompts, k, names), new, args.runs)
@@ -121,7 +131,18 @@ def main() -> None:
             lora_floor_ms = 1e3 * per_adapter * n * elem / (machine["bandwidth_GBps"] * 1e9)
             res.update({"adapter_bytes_per_step": per_adapter * n * elem, "lora_memory_floor_ms": lora_floor_ms,
                         "decode_ratio_upper_bound": base_step / (base_step + lora_floor_ms)})
-            if not args.skip_peft:
+            if shape in LORA_PEER:  # DoRA against plain LoRA of the same shape, rounds alternating
+                peer = register(llm, LORA_PEER[shape], n)
+                pl = paired_runs(lambda k, llm=llm, peer=peer: time_generate(llm, prompts, k, peer),
+                                 lambda k, llm=llm, names=names: time_generate(llm, prompts, k, names), new,
+                                 args.runs)
+                res.update({"ratio_vs_lora_same_shape": median_ratio(pl["a_wall"], pl["b_wall"]),
+                            "ratios_vs_lora_same_shape_per_round": [round(a / b, 3) for a, b in
+                                                                    zip(pl["a_wall"], pl["b_wall"])],
+                            "decode_ratio_vs_lora_same_shape": median_ratio(pl["a_step"], pl["b_step"])})
+            if not args.skip_peft and shape in LORA_PEER:
+                res["peft"] = "not measured: PEFT refuses DoRA adapters in a mixed-adapter batch"
+            elif not args.skip_peft:
                 pw, ps = peft_numbers(model_dir, paths, prompts, dtype, new, max(1, args.runs - 2))
                 res.update({"peft_tokens_per_s": n * new / pw, "peft_decode_step_ms": ps, "ratio_vs_peft": pw / wall})
             emit(res)

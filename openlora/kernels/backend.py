@@ -28,9 +28,11 @@ class LoRABackend(abc.ABC):
 
     @abc.abstractmethod
     def sgmv(
-        self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, batch: LoRABatch, site: str
+        self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, batch: LoRABatch, site: str,
+        layer: int = 0,
     ) -> None:
-        """Add this step's LoRA deltas of `site` into y (a view) in place."""
+        """Add this step's LoRA deltas of `site` into y (a view) in place; DoRA segments also rescale
+        their rows with layer `layer` of the row-scale tables."""
 
     def _plan(self, batch: LoRABatch, site: str, kind: str, build: Callable[[LoRABatch, SiteRows], Any]) -> Any:
         """The cached `build(batch, batch.sites[site])` for the current batch (cache reset on a new batch)."""
@@ -53,11 +55,12 @@ class ReferenceBackend(LoRABackend):
     name = "reference"
 
     def sgmv(
-        self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, batch: LoRABatch, site: str
+        self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, batch: LoRABatch, site: str,
+        layer: int = 0,
     ) -> None:
         from openlora.kernels.reference import sgmv_reference
 
-        sgmv_reference(y, x, a, bt, batch, site)
+        sgmv_reference(y, x, a, bt, batch, site, layer)
 
 
 def make_backend(name: str) -> LoRABackend:

@@ -43,29 +43,38 @@ class CppBackend(LoRABackend):
         super().__init__()
         ext = load_extension()
         self._op = ext.sgmv
+        self._op_dora = ext.sgmv_dora
         self.has_avx512 = bool(ext.has_avx512())
         self.mm_min_tokens = mm_min_tokens
 
     def sgmv(
-        self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, batch: LoRABatch, site: str
+        self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, batch: LoRABatch, site: str,
+        layer: int = 0,
     ) -> None:
         rows = batch.sites.get(site)
         if rows is None or batch.empty:
             return
-        self._op(y, x, a, bt, batch.token_idx, batch.seg_indptr, rows.row_idx, rows.row_indptr,
-                 rows.row_scale, self.mm_min_tokens)
+        if rows.seg_dora is None:
+            self._op(y, x, a, bt, batch.token_idx, batch.seg_indptr, rows.row_idx, rows.row_indptr,
+                     rows.row_scale, self.mm_min_tokens)
+        else:  # the same kernel, DoRA's row scale applied in the expand epilogue
+            self._op_dora(y, x, a, bt, batch.token_idx, batch.seg_indptr, rows.row_idx, rows.row_indptr,
+                          rows.row_scale, self.mm_min_tokens, rows.seg_dora, rows.g_table[layer],
+                          None if rows.shift_table is None else rows.shift_table[layer])
 
 
 class _Group:
     """Segments with the same token count n, batched as one bmm (rows padded to the group's max rank)."""
 
-    __slots__ = ("tok", "rows", "scale", "shape")
+    __slots__ = ("tok", "rows", "scale", "shape", "dora")
 
-    def __init__(self, tok: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int, int]):
+    def __init__(self, tok: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int, int],
+                 dora: torch.Tensor | None = None):
         self.tok = tok  # int64 [G*n]: the group's tokens, segment-major
         self.rows = rows  # int64 [G, Rmax]: pool rows, padding points at the segment's first row
         self.scale = scale  # fp32 [G, 1, Rmax]: 0 for padding
         self.shape = shape  # (G, n, Rmax)
+        self.dora = dora  # int64 [G*n]: each token's row-scale entry (0: identity); None: no DoRA here
 
 
 def _torch_plan(batch: LoRABatch, rows: SiteRows) -> list[_Group]:
@@ -89,8 +98,21 @@ def _torch_plan(batch: LoRABatch, rows: SiteRows) -> list[_Group]:
             row_tab[i, :r] = rows.row_idx[rptr[g] : rptr[g + 1]]
             row_tab[i, r:] = row_tab[i, 0]
             scale[i, 0, :r] = rows.row_scale[rptr[g] : rptr[g + 1]]
-        groups.append(_Group(tok, row_tab, scale, (len(gs), n, rmax)))
+        dora = None
+        if rows.seg_dora is not None and any(rows.seg_dora_list[g] for g in gs):
+            dora = torch.tensor([rows.seg_dora_list[g] for g in gs], dtype=torch.long, device=device)
+            dora = dora.repeat_interleave(n)
+        groups.append(_Group(tok, row_tab, scale, (len(gs), n, rmax), dora))
     return groups
+
+
+def _dora_epilogue(y: torch.Tensor, tok: torch.Tensor, out: torch.Tensor, dora: torch.Tensor, rows: SiteRows,
+                   layer: int) -> None:
+    """y[tok] = G[d] * (y[tok] + out) + S[d] per token (entry d; 0 is the identity), one rounding."""
+    acc = (y.index_select(0, tok).float() + out).mul_(rows.g_table[layer].index_select(0, dora))
+    if rows.shift_table is not None:
+        acc.add_(rows.shift_table[layer].index_select(0, dora))
+    y.index_copy_(0, tok, acc.to(y.dtype))
 
 
 class TorchBackend(LoRABackend):
@@ -106,7 +128,8 @@ class TorchBackend(LoRABackend):
     name = "torch"
 
     def sgmv(
-        self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, batch: LoRABatch, site: str
+        self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, batch: LoRABatch, site: str,
+        layer: int = 0,
     ) -> None:
         if site not in batch.sites or batch.empty:
             return
@@ -116,7 +139,9 @@ class TorchBackend(LoRABackend):
             a_g = a[grp.rows].float()  # [G, Rmax, in]
             v = torch.bmm(xs, a_g.transpose(1, 2)).mul_(grp.scale)  # [G, n, Rmax] fp32
             out = torch.bmm(v, bt[grp.rows].float()).view(g * n, -1)  # [G*n, out] fp32
-            if y.dtype == torch.float32:
+            if grp.dora is not None:
+                _dora_epilogue(y, grp.tok, out, grp.dora, batch.sites[site], layer)
+            elif y.dtype == torch.float32:
                 y.index_add_(0, grp.tok, out)
             else:  # accumulate in fp32, round once
                 y.index_copy_(0, grp.tok, (y.index_select(0, grp.tok).float() + out).to(y.dtype))

@@ -2,7 +2,9 @@
 
 Each program handles BLOCK_M tokens of one segment, so a segment's rows are loaded once per token block
 (not once per token), and a segment with many tokens becomes a tiled GEMM. The [N, Rmax] intermediate
-is fp32. Tested on the CPU with TRITON_INTERPRET=1 (set before this module is imported).
+is fp32. DoRA segments end the expand with their row scale (openlora/lora/dora.py): the entry d of
+each segment picks g and shift rows, and entry 0 is the identity, so the epilogue needs no branch.
+Tested on the CPU with TRITON_INTERPRET=1 (set before this module is imported).
 """
 
 from __future__ import annotations
@@ -58,11 +60,13 @@ def _shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    v_ptr, bt_ptr, y_ptr, tok_ptr, seg_ptr, rowidx_ptr, rowptr_ptr,
-    N, stride_v, stride_b, stride_y,
+    v_ptr, bt_ptr, y_ptr, tok_ptr, seg_ptr, rowidx_ptr, rowptr_ptr, dora_ptr, g_ptr, sh_ptr,
+    N, stride_v, stride_b, stride_y, stride_g,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DORA: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
-    """y[tok[i], n] = dtype(fp32(y[tok[i], n]) + sum_j v[i, j] * Bt[rows[j], n]) for one segment's slots."""
+    """y[tok[i], n] = dtype(fp32(y[tok[i], n]) + sum_j v[i, j] * Bt[rows[j], n]) for one segment's slots;
+    with HAS_DORA, dtype((fp32(y) + delta) * g[d, n] + shift[d, n]) for the segment's entry d."""
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -90,7 +94,13 @@ def _expand_kernel(
         y_ptrs = y_ptr + tok[:, None] * stride_y + offs_n[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
         yb = tl.load(y_ptrs, mask=mask, other=0.0)
-        tl.store(y_ptrs, (yb.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+        out = yb.to(tl.float32) + acc
+        if HAS_DORA:
+            d = tl.load(dora_ptr + g)
+            out = out * tl.load(g_ptr + d * stride_g + offs_n, mask=mask_n, other=1.0)[None, :]
+            if HAS_SHIFT:
+                out = out + tl.load(sh_ptr + d * stride_g + offs_n, mask=mask_n, other=0.0)[None, :]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _triton_plan(batch: LoRABatch, rows: SiteRows) -> tuple[int, int, int]:
@@ -113,7 +123,8 @@ class TritonBackend(LoRABackend):
     BLOCK_N = 64
 
     def sgmv(
-        self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, batch: LoRABatch, site: str
+        self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, batch: LoRABatch, site: str,
+        layer: int = 0,
     ) -> None:
         if site not in batch.sites or batch.empty:
             return
@@ -136,8 +147,13 @@ class TritonBackend(LoRABackend):
             FP32_DOT=x.dtype == torch.float32 or not x.is_cuda,
         )
         grid_e = (triton.cdiv(max_n, bm), g, triton.cdiv(n, self.BLOCK_N))
+        dora = rows.seg_dora is not None
+        gt = rows.g_table[layer] if dora else v  # [E, out] fp32 (v: an unused placeholder pointer)
+        sh = rows.shift_table[layer] if dora and rows.shift_table is not None else gt
+        assert gt.stride(1) == 1 and sh.stride(0) == gt.stride(0)
         _expand_kernel[grid_e](
             v, bt, y, batch.token_idx, batch.seg_indptr, rows.row_idx, rows.row_indptr,
-            n, v.stride(0), bt.stride(0), y.stride(0),
-            BLOCK_M=bm, BLOCK_N=self.BLOCK_N, BLOCK_R=br,
+            rows.seg_dora if dora else batch.seg_indptr, gt, sh,
+            n, v.stride(0), bt.stride(0), y.stride(0), gt.stride(0),
+            BLOCK_M=bm, BLOCK_N=self.BLOCK_N, BLOCK_R=br, HAS_DORA=dora, HAS_SHIFT=sh is not gt,
         )

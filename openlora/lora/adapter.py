@@ -56,16 +56,20 @@ SITE_PARENT = {
 
 # `module.lora_A[.adapter_name].weight`; anything else under a LoRA module is unsupported.
 _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.(?P<param>weight|bias)$")
+# DoRA's magnitude: PEFT saves `module.lora_magnitude_vector` (raw state dicts: `.<adapter>.weight`).
+_MAG_RE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<name>[^.]+))?(?:\.weight)?$")
 _PREFIX = "base_model.model."
 
 
 @dataclass
 class LoRAModule:
-    """One adapted projection: `delta(x) = scaling * (x @ a^T) @ b^T`."""
+    """One adapted projection: `delta(x) = scaling * (x @ a^T) @ b^T`; with DoRA (`magnitude` set) the
+    whole output is rescaled per row: y = m / ||W + scaling B A||_row * (W x + delta(x)) + bias."""
 
     a: torch.Tensor  # fp32 [r, in_features]
     b: torch.Tensor  # fp32 [out_features, r]
     scaling: float  # lora_alpha / r (or / sqrt(r) with rslora), per module
+    magnitude: torch.Tensor | None = None  # DoRA: fp32 [out_features] (PEFT's lora_magnitude_vector)
 
     @property
     def rank(self) -> int:
@@ -106,6 +110,11 @@ class LoRAAdapter:
         return max((m.rank for m in self.modules.values()), default=0)
 
     @property
+    def dora(self) -> bool:
+        """Whether the adapter is DoRA (every module then has a magnitude)."""
+        return any(m.magnitude is not None for m in self.modules.values())
+
+    @property
     def nbytes(self) -> int:
         return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() for m in self.modules.values())
 
@@ -119,15 +128,16 @@ def compute_content_hash(modules: dict[tuple[int, str], LoRAModule]) -> str:
     """sha256 over what determines the math: per module (layer, site, scaling, A, B), in sorted order.
 
     The adapter's name, path and cosmetic config fields are excluded, so renaming does not change the
-    hash; r / lora_alpha / rslora / patterns enter through the per-module scaling and tensor shapes.
+    hash; r / lora_alpha / rslora / patterns enter through the per-module scaling and tensor shapes. A
+    DoRA module adds its magnitude (plain LoRA hashes as it always did).
     """
     h = hashlib.sha256(b"openlora-lora-v1")
     for (layer, site) in sorted(modules):
         m = modules[(layer, site)]
         h.update(f"|{layer}|{site}|{float(m.scaling).hex()}|".encode())
-        for t in (m.a, m.b):
+        for t in (m.a, m.b) if m.magnitude is None else (m.a, m.b, m.magnitude):
             t = t.detach().to(torch.float32).contiguous()
-            h.update(struct.pack("<2q", *t.shape))
+            h.update(struct.pack(f"<{t.dim()}q", *t.shape))  # 2-D A, B; 1-D magnitude
             h.update(t.numpy().tobytes())
     return h.hexdigest()
 
@@ -178,8 +188,6 @@ def _check_config_features(cfg: dict[str, Any], cfg_path: Path) -> None:
     """Reject configs using features OpenLoRA does not implement (UnsupportedAdapter names each)."""
     where = f"adapter {cfg_path}"
     check_adapter_type(cfg, where)  # LORA or VERA; refuses LoHa, LoKr, ... and PiSSA-style inits (adapter_types)
-    if cfg.get("use_dora"):
-        raise UnsupportedAdapter(f"{where}: use_dora (DoRA) is not supported")
     if cfg.get("bias", "none") != "none":
         raise UnsupportedAdapter(f"{where}: bias={cfg.get('bias')!r} is not supported (only 'none')")
     if cfg.get("lora_bias"):
@@ -313,8 +321,13 @@ def _group_keys(sd: dict[str, torch.Tensor], wpath: Path) -> dict[str, dict[str,
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     names: set[str] = set()
     for key, t in sd.items():
-        if "lora_magnitude_vector" in key:
-            raise UnsupportedAdapter(f"{wpath}: key {key!r}: DoRA (lora_magnitude_vector) is not supported")
+        if (mm := _MAG_RE.match(key)) is not None:  # DoRA: checked against use_dora by the caller
+            module = mm.group("module")
+            module = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
+            if mm.group("name"):
+                names.add(mm.group("name"))
+            groups.setdefault(module, {})["magnitude"] = (key, t)
+            continue
         if "modules_to_save" in key:
             raise UnsupportedAdapter(f"{wpath}: key {key!r}: modules_to_save is not supported")
         if "lora_embedding_" in key or ".embed_tokens." in key:
@@ -377,6 +390,12 @@ def load_peft_adapter(
             # PEFT would not create this module, so it ignores the tensors too ("unexpected keys").
             logger.warning("%s: %s is not targeted by the adapter config; its tensors are ignored", wpath, module)
             continue
+        dora = bool(cfg.get("use_dora"))
+        if ("magnitude" in parts) != dora:
+            key = next(iter(parts.values()))[0]
+            raise AdapterLoadError(
+                f"{wpath}: key {key!r}: the config says use_dora={dora} but the module "
+                + ("has no lora_magnitude_vector" if dora else "has a lora_magnitude_vector"))
         if "lora_A" not in parts or "lora_B" not in parts:
             have = next(iter(parts.values()))[0]
             missing = "lora_B" if "lora_A" in parts else "lora_A"
@@ -399,13 +418,22 @@ def load_peft_adapter(
                     f"{wpath}: key {key!r} has shape {tuple(t.shape)}, expected {want} "
                     f"(r={r}, {site} in/out features {in_f}/{out_f})"
                 )
-        for key, t in ((ka, a), (kb, b)):
+        checked = [(ka, a), (kb, b)]
+        mag = None
+        if dora:
+            km, mag = parts["magnitude"]
+            if tuple(mag.shape) != (out_f,):
+                raise AdapterLoadError(f"{wpath}: key {km!r} has shape {tuple(mag.shape)}, expected ({out_f},) "
+                                       f"({site} out features)")
+            checked.append((km, mag))
+            mag = mag.detach().to(torch.float32).contiguous()
+        for key, t in checked:
             if not torch.isfinite(t).all():
                 raise AdapterLoadError(f"{wpath}: key {key!r} holds NaN or infinite values")
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
         modules[(layer, site)] = LoRAModule(
             a=a.detach().to(torch.float32).contiguous(), b=b.detach().to(torch.float32).contiguous(),
-            scaling=float(scaling),
+            scaling=float(scaling), magnitude=mag,
         )
     if not modules:
         raise AdapterLoadError(f"{wpath}: no LoRA tensors for any of {', '.join(LORA_SITES)}")

@@ -26,6 +26,12 @@ class SiteRows:
     row_indptr: torch.Tensor  # int64 [G+1] (on CPU as well as on the device: see `row_indptr_list`)
     row_scale: torch.Tensor  # fp32 [R]: weight_i * scaling_i of the adapter that owns the row
     row_indptr_list: list[int] = field(default_factory=list)  # host copy, for host-side loops
+    # DoRA (openlora.lora.dora): segment g's entry in the row-scale tables (0: none), or None when no
+    # segment here is DoRA; g_table / shift_table are the pool's [num_layers, E, out] fp32 tables.
+    seg_dora: torch.Tensor | None = None  # int64 [G]
+    seg_dora_list: list[int] = field(default_factory=list)
+    g_table: torch.Tensor | None = None
+    shift_table: torch.Tensor | None = None  # None: no DoRA site here has a bias
 
     @property
     def num_rows(self) -> int:
@@ -41,6 +47,8 @@ class LoRABatch:
     and scales S likewise:
         v[j]   = S[j] * sum_k x[t, k] * A[R[j], k]        (fp32)
         y[t,:] += sum_j v[j] * Bt[R[j], :]
+    and for a DoRA segment (d = seg_dora[g] > 0) at layer l, in the same single rounding:
+        y[t,:]  = g_table[l, d] * (y[t,:] + sum_j v[j] * Bt[R[j], :]) + shift_table[l, d]
     """
 
     token_idx: torch.Tensor  # int64 [N]: flattened-batch token indices that get LoRA, grouped by segment
@@ -56,3 +64,7 @@ class LoRABatch:
     @property
     def empty(self) -> bool:
         return self.num_segments == 0 or not self.sites
+
+    @property
+    def has_dora(self) -> bool:
+        return any(r.seg_dora is not None for r in self.sites.values())

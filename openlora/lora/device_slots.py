@@ -23,6 +23,7 @@ import torch
 
 from openlora.config import LORA_SITES
 from openlora.errors import AdapterLoadError
+from openlora.lora import dora
 from openlora.lora.adapter import LoRAAdapter
 from openlora.lora.batch import LoRABatch, SiteRows
 from openlora.lora.entry import AdapterEntry, AdapterState
@@ -47,6 +48,8 @@ class DeviceSlots:
         self.cold_starts: deque[tuple[str, float, float]] = deque(maxlen=100_000)
         self._resident: dict[AdapterEntry, None] = {}  # ordered set; may hold retired entries
         self._starving: dict[AdapterEntry, float] = {}  # host-ready, queued, no slot -> since when
+        # resident DoRA adapter -> (its row-scale table entry, the sites it targets)
+        self._dora: dict[AdapterEntry, tuple[int, frozenset[str]]] = {}
 
     def __len__(self) -> int:
         return len(self._resident)
@@ -68,13 +71,44 @@ class DeviceSlots:
         if too_big:
             raise AdapterLoadError(
                 f"adapter {adapter.adapter_id!r} has rank above the pool's {self.pool.rows} rows at {too_big}")
+        if adapter.dora and self.pool.base is None:
+            raise AdapterLoadError(f"adapter {adapter.adapter_id!r} is DoRA, which needs the served model's "
+                                   f"weights: this engine has none to give")
         return self.pool.pack(adapter)
+
+    def _free_dora(self, e: AdapterEntry) -> None:
+        d = self._dora.pop(e, None)
+        if d is not None:
+            self.pool.unload_dora(d[0])
+
+    @torch.no_grad()
+    def _dora_scales(self, packed: PackedAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """g and shift per site and layer (openlora.lora.dora), computed at the first residency of this
+        host copy (the engine thread: the served model's GEMMs stay on its OpenMP team) and kept."""
+        if not packed.scales:
+            base, dev = self.pool.base, self.pool.device
+            for site, mag in packed.magnitude.items():
+                a, bt = packed.sites[site]
+                g = torch.ones(mag.shape, dtype=torch.float32)
+                shift = None
+                for layer in range(mag.shape[0]):
+                    if torch.isnan(mag[layer, 0]):
+                        continue  # no module at this layer: identity
+                    gl, sl = dora.row_scale(base, layer, site, a[layer].to(dev), bt[layer].to(dev),
+                                            mag[layer].to(dev))
+                    g[layer] = gl.cpu()
+                    if sl is not None:
+                        shift = torch.zeros(mag.shape, dtype=torch.float32) if shift is None else shift
+                        shift[layer] = sl.cpu()
+                packed.scales[site] = (g, shift)
+        return packed.scales
 
     def drop(self, e: AdapterEntry) -> None:
         """Free `e`'s rows and forget it here."""
         if e.rows is not None:
             self.pool.unload(e.rows, self.scrub)
             e.rows = None
+        self._free_dora(e)
         self._resident.pop(e, None)
         self._starving.pop(e, None)
 
@@ -107,6 +141,8 @@ class DeviceSlots:
                 self._starving.setdefault(e, now)
                 return False
         t0 = time.perf_counter()
+        if e.packed.dora:
+            self._dora[e] = (self.pool.load_dora(self._dora_scales(e.packed)), frozenset(e.packed.magnitude))
         e.rows = self.pool.load(e.packed)
         e.copy_seconds = time.perf_counter() - t0
         self.stats["copies"] += 1
@@ -136,6 +172,7 @@ class DeviceSlots:
             victim = min(late, key=lambda x: x.resident_since)
         self.pool.unload(victim.rows, self.scrub)
         victim.rows = None
+        self._free_dora(victim)
         del self._resident[victim]
         victim.state = AdapterState.HOST if victim.packed is not None else victim.rest_state()
         if victim.waiting:
@@ -174,8 +211,23 @@ class DeviceSlots:
                 row_scale=torch.tensor(sc, dtype=torch.float32, device=dev),
                 row_indptr_list=ptr,
             )
+            if self._dora:
+                self._dora_rows(sites[site], site, mixes)
         return LoRABatch(
             token_idx=torch.tensor(tok, dtype=torch.long, device=dev),
             seg_indptr=torch.tensor(seg, dtype=torch.long, device=dev),
             seg_indptr_list=seg, sites=sites, num_tokens=num_tokens,
         )
+
+    def _dora_rows(self, rows: SiteRows, site: str, mixes) -> None:
+        """Each segment's row-scale entry at `site`: a mix of one DoRA adapter at weight 1 that targets
+        the site (the manager refuses any other mix with a DoRA adapter in it)."""
+        seg = []
+        for key in mixes:
+            d, targets = self._dora.get(key[0][0], (0, ())) if len(key) == 1 and key[0][1] == 1.0 else (0, ())
+            seg.append(d if site in targets else 0)
+        if any(seg):
+            rows.seg_dora = torch.tensor(seg, dtype=torch.long, device=self.pool.device)
+            rows.seg_dora_list = seg
+            rows.g_table = self.pool.g[site]
+            rows.shift_table = self.pool.shift.get(site)

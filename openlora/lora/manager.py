@@ -63,6 +63,10 @@ class LoRAManager:
                                  scrub=config.cache.scrub_freed_memory)
         self._req: dict[str, list[AdapterEntry]] = {}  # request id -> its entries (survives re-register)
 
+    def use_base(self, base) -> None:
+        """The served model's projections (openlora.lora.dora.BaseProjections): DoRA adapters need them."""
+        self.slots.pool.base = base
+
     def on_load_done(self, fn: Callable[[], None]) -> None:
         """Call `fn` (on a loader thread, without the lock) whenever a background load ends."""
         self.host_cache.on_done = fn
@@ -266,6 +270,12 @@ class LoRAManager:
             for e in ents:
                 if e.state == AdapterState.FAILED:
                     return e.exc or AdapterLoadError(e.error or f"adapter {e.adapter_id!r} failed to load")
+            mixed = len(req.adapters) > 1 or req.adapters[0].weight != 1.0
+            dora = [e.adapter_id for e in ents if e.packed is not None and e.packed.dora]
+            if mixed and dora:  # known once loaded: acquire() admits nothing before that
+                return InvalidRequest(
+                    f"DoRA adapter {dora[0]!r} can only be used alone at weight 1: its row scale "
+                    f"m / ||W + s B A|| is not linear in the update, so no weighted composition is exact")
         return None
 
     def acquire(self, req: Request) -> bool:

@@ -223,6 +223,10 @@ def merge_adapters(
     masks (None: the global torch RNG, as PEFT). Raises InvalidRequest naming the bad field.
     """
     validate_params(len(adapters), weights, strategy, density, majority_sign_method, svd_rank, svd_clamp)
+    dora = [a.adapter_id for a in adapters if a.dora]
+    if dora:  # g = m / ||W + s B A|| is not linear in B A: no factor merge of DoRA adapters is exact
+        raise InvalidRequest(f"cannot merge DoRA adapters ({', '.join(dora)}): a DoRA adapter's row scale "
+                             f"depends on its own update, so merged factors would not equal any DoRA model")
     check_ranks(adapters, strategy)
     params = {"density": density, "majority_sign_method": majority_sign_method, "svd_rank": svd_rank,
               "svd_clamp": svd_clamp, "svd_full_matrices": svd_full_matrices, "seed": seed}

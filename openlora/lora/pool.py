@@ -7,11 +7,15 @@ allocated on first use, so adapters that only touch q and v cost nothing elsewhe
 
 `pack()` lays an adapter out exactly as the pool stores it; it runs on the loader threads, so the
 engine step only pays for one `index_copy_` per site when an adapter becomes resident.
+
+DoRA adapters also take one entry of the row-scale tables: per site `g[site]` [num_layers, E, out] and
+(sites with a bias) `shift[site]` likewise, fp32; entry 0 is the identity (g = 1, shift = 0) and every
+other entry belongs to one resident DoRA adapter (openlora.lora.dora).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +27,15 @@ class PackedAdapter:
     """An adapter in pool layout: per site `(a [L, r, in], bt [L, r, out])` in the pool dtype."""
 
     sites: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    # DoRA: per site the magnitude [L, out] fp32 (NaN rows: layers the adapter leaves alone); empty for LoRA.
+    magnitude: dict[str, torch.Tensor] = field(default_factory=dict)
+    # DoRA: per site (g, shift or None) [L, out] fp32, computed once against the served base model (the
+    # engine thread, at the first residency: openlora.lora.device_slots) and kept with the host copy.
+    scales: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+    @property
+    def dora(self) -> bool:
+        return bool(self.magnitude)
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -39,6 +52,7 @@ def pack(adapter, shape: ModelShape, dtype: torch.dtype, pin: bool = False) -> P
     adapter has a smaller rank (rank_pattern) or no module get zero rows, so their contribution is
     exactly zero. `pin` page-locks the tensors (CUDA: async host->device copies)."""
     sites: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    magnitude: dict[str, torch.Tensor] = {}
     L = shape.num_layers
     for site in LORA_SITES:
         r = adapter.site_rank(site)
@@ -54,11 +68,15 @@ def pack(adapter, shape: ModelShape, dtype: torch.dtype, pin: bool = False) -> P
             rr = m.a.shape[0]
             a[layer, :rr] = m.a.float()
             bt[layer, :rr] = (m.b.float() * m.scaling).t()  # scaling folded into B once
+            if m.magnitude is not None:
+                if site not in magnitude:
+                    magnitude[site] = torch.full((L, fout), float("nan"))
+                magnitude[site][layer] = m.magnitude.float()
         a, bt = a.to(dtype), bt.to(dtype)
         if pin:
             a, bt = a.pin_memory(), bt.pin_memory()
         sites[site] = (a, bt)
-    return PackedAdapter(sites)
+    return PackedAdapter(sites, magnitude)
 
 
 class LoRAPool:
@@ -72,6 +90,12 @@ class LoRAPool:
         self.a: dict[str, torch.Tensor] = {}
         self.bt: dict[str, torch.Tensor] = {}
         self.free: dict[str, list[int]] = {s: list(range(rows_per_site)) for s in LORA_SITES}
+        # DoRA row scales (module docstring); the tables grow (doubling) when every entry is taken.
+        self.g: dict[str, torch.Tensor] = {}
+        self.shift: dict[str, torch.Tensor] = {}
+        self._dora_cap = 1  # entries, the identity entry 0 included
+        self._dora_free: list[int] = []
+        self.base = None  # openlora.lora.dora.BaseProjections of the served model (set by the runner)
 
     def _ensure_site(self, site: str) -> None:
         if site in self.a:
@@ -115,3 +139,42 @@ class LoRAPool:
                 self.a[site].index_fill_(1, idx, 0)
                 self.bt[site].index_fill_(1, idx, 0)
             self.free[site].extend(rs)
+
+    # ---- DoRA row scales ---------------------------------------------------------------------------
+    def _grow_dora(self) -> None:
+        """Double the entries of every table (new entries are the identity)."""
+        old, self._dora_cap = self._dora_cap, self._dora_cap * 2
+        for tabs, fill in ((self.g, 1.0), (self.shift, 0.0)):
+            for site, t in tabs.items():
+                more = torch.full((t.shape[0], old, t.shape[2]), fill, dtype=t.dtype, device=self.device)
+                tabs[site] = torch.cat([t, more], dim=1)
+        self._dora_free.extend(range(old, self._dora_cap))
+
+    def _table(self, tabs: dict[str, torch.Tensor], site: str, fill: float) -> torch.Tensor:
+        if site not in tabs:
+            _, fout = self.shape.site_dims(site)
+            tabs[site] = torch.full((self.shape.num_layers, self._dora_cap, fout), fill, dtype=torch.float32,
+                                    device=self.device)
+        return tabs[site]
+
+    @torch.no_grad()
+    def load_dora(self, scales: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> int:
+        """Take a table entry for a DoRA adapter's (g, shift) per site; returns the entry (> 0)."""
+        if not self._dora_free:
+            self._grow_dora()
+        e = self._dora_free.pop()
+        for tabs, fill in ((self.g, 1.0), (self.shift, 0.0)):  # sites it leaves alone: the identity
+            for t in tabs.values():
+                t[:, e].fill_(fill)
+        for site, (g, sh) in scales.items():
+            self._table(self.g, site, 1.0)[:, e].copy_(g)
+            if sh is not None:
+                self._table(self.shift, site, 0.0)[:, e].copy_(sh)
+        return e
+
+    def unload_dora(self, e: int) -> None:
+        """Give a DoRA entry back, reset to the identity (nothing of the adapter stays behind)."""
+        for tabs, fill in ((self.g, 1.0), (self.shift, 0.0)):
+            for t in tabs.values():
+                t[:, e].fill_(fill)
+        self._dora_free.append(e)

@@ -28,6 +28,9 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self.backend = backend
+        # ||W_o||^2 per output row, fp32 [out], from the served weights (DoRA's norm needs it, and the
+        # packed layouts below do not keep W in rows).
+        self.row_sq = weight.float().pow(2).sum(1)
         n = self.out_features
         # NOTE: each backend's call is bound once here: ~121 calls per decode step, and per-call Python
         # dispatch (string compares, extension lookups) showed up in the step profile.

@@ -22,7 +22,7 @@ from openlora.worker.forward_context import ForwardContext, LoRAContext
 def _lora(lc: LoRAContext, site: str, layer: int, y: torch.Tensor, x: torch.Tensor) -> None:
     """Add this step's LoRA deltas of one projection into y (a view) in place."""
     if site in lc.batch.sites:
-        lc.backend.sgmv(y, x, lc.a[site][layer], lc.bt[site][layer], lc.batch, site)
+        lc.backend.sgmv(y, x, lc.a[site][layer], lc.bt[site][layer], lc.batch, site, layer)
 
 
 class DecoderLayer(nn.Module):

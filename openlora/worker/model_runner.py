@@ -12,6 +12,7 @@ from openlora.core.scheduler import ScheduledRequest, SchedulerOutput
 from openlora.kernels.select import KernelPlan, select_kernels
 from openlora.model.attention import causal_mask
 from openlora.model.llama import LlamaModel, load_model
+from openlora.model.projections import ServedProjections
 from openlora.model.rope import rope_cos_sin
 from openlora.model.sampler import Sampler, SamplingRow, compute_prompt_logprobs
 from openlora.outputs import PositionLogprobs
@@ -73,6 +74,8 @@ class ModelRunner:
         self.sampler = Sampler(argmax=self.plan.ops.argmax)
         self.generators: dict[str, torch.Generator] = {}
         self.lora = lora  # openlora.lora.manager.LoRAManager or None
+        if lora is not None:  # DoRA's row scales are computed against the served projections
+            lora.use_base(ServedProjections(self.model))
         # Tests set this to a list to receive (request_id, fp32 logits [vocab]) of every sampled row.
         self.capture_logits: list[tuple[str, torch.Tensor]] | None = None
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs,
@@ -164,7 +167,9 @@ class ModelRunner:
             batch = self.lora.build_batch(seqs, q_starts, len(ids))
             if batch is not None:
                 lora_ctx = LoRAContext(batch, *self.lora.pool_tensors(), self.plan.lora)
-        cpp_loop = self.plan.cpp_loop_for(len(ids), nd, bool(prefills), lora_ctx is not None)
+        # The C++ layer loop has no DoRA epilogue: steps with DoRA rows keep the Python loop.
+        cpp_loop = self.plan.cpp_loop_for(len(ids), nd, bool(prefills), lora_ctx is not None) and not (
+            lora_ctx is not None and lora_ctx.batch.has_dora)
         ctx = ForwardContext(positions=positions, cos=cos, sin=sin, attn=attn, ops=self.plan.ops, lora=lora_ctx,
                              cpp_loop=cpp_loop)
         return ctx, torch.tensor(ids, dtype=torch.long, device=dev), q_starts

@@ -118,18 +118,36 @@ COMPOSITIONS = ["all_distinct", "all_same_one_segment", "all_same_many_segments"
                 "prefill_long", "weighted", "ranks_1_to_64", "empty"]
 
 
-def run_case(backend: LoRABackend, name: str, dtype: torch.dtype, seed: int = 0) -> None:
-    """Run `backend` and the reference on the same composition; y is a strided column slice."""
+def add_dora(batch: LoRABatch, gen: torch.Generator, shift: bool = True, layers: int = 2, entries: int = 3) -> None:
+    """Make every segment but each third one DoRA: row-scale tables [layers, entries, OUT_F] with the
+    identity at entry 0 and random g in [0.5, 1.5] (and shifts) elsewhere."""
+    rows = batch.sites.get("q_proj")
+    if rows is None:
+        return
+    g = torch.empty(layers, entries, OUT_F).uniform_(0.5, 1.5, generator=gen)
+    g[:, 0] = 1.0
+    sh = torch.randn(layers, entries, OUT_F, generator=gen) * 0.1 if shift else None
+    if sh is not None:
+        sh[:, 0] = 0.0
+    seg = [(i % entries) for i in range(batch.num_segments)]
+    rows.seg_dora, rows.seg_dora_list, rows.g_table, rows.shift_table = torch.tensor(seg), seg, g, sh
+
+
+def run_case(backend: LoRABackend, name: str, dtype: torch.dtype, seed: int = 0, dora: str = "") -> None:
+    """Run `backend` and the reference on the same composition; y is a strided column slice. `dora`:
+    "" (plain LoRA), "g" (DoRA row scales) or "g+shift" (row scales and bias shifts), at layer 1."""
     gen = torch.Generator().manual_seed(seed)
     ranks, segments, num_tokens = composition(name, gen)
     pool = make_pool(ranks, IN_F, OUT_F, dtype, gen)
     batch = make_batch(pool, segments, num_tokens)
+    if dora:
+        add_dora(batch, gen, shift=dora == "g+shift")
     x = torch.randn(num_tokens, IN_F, generator=gen).to(dtype)
     wide = torch.randn(num_tokens, WIDE * OUT_F, generator=gen).to(dtype)  # a fused output, e.g. qkv
     sl = slice(OUT_F, 2 * OUT_F)
     y_ref, y_out = wide.clone(), wide.clone()
-    sgmv_reference(y_ref[:, sl], x, pool.a, pool.bt, batch, "q_proj")
-    backend.sgmv(y_out[:, sl], x, pool.a, pool.bt, batch, "q_proj")
+    sgmv_reference(y_ref[:, sl], x, pool.a, pool.bt, batch, "q_proj", layer=1)
+    backend.sgmv(y_out[:, sl], x, pool.a, pool.bt, batch, "q_proj", layer=1)
 
     # Other columns of the wide tensor, and base-only tokens, are untouched bit for bit.
     assert torch.equal(y_out[:, : OUT_F], wide[:, : OUT_F]) and torch.equal(y_out[:, 2 * OUT_F :], wide[:, 2 * OUT_F :])
@@ -210,6 +228,20 @@ def test_cpp_rejects_bad_metadata() -> None:
         backend.sgmv(y, x, pool.a, pool.bt, batch, "q_proj")
 
 
+
+DORA_CASES = ["all_distinct", "zipf", "mixed_base", "prefill_long", "all_same_many_segments"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dora", ["g", "g+shift"])
+@pytest.mark.parametrize("name", DORA_CASES)
+@pytest.mark.parametrize("backend_name", list(CPU_BACKENDS))
+def test_cpu_backends_match_reference_with_dora(backend_name: str, name: str, dora: str, dtype: torch.dtype) -> None:
+    """DoRA's epilogue (y = g * (y + delta) + shift, one rounding) in the streaming kernel, the GEMM
+    path and the torch backend, against the reference; plain segments in the same batch as well."""
+    run_case(CPU_BACKENDS[backend_name](), name, dtype, dora=dora)
+
+
 # ---- Triton, through its CPU interpreter ----------------------------------------------------------------
 # TRITON_INTERPRET=1 must be set before triton compiles anything, so the outer test re-runs this file's
 # triton_interp tests in a fresh interpreter process with the variable set.
@@ -226,6 +258,8 @@ def test_triton_interp(name: str, dtype: torch.dtype) -> None:
     from openlora.kernels.triton_lora import TritonBackend
 
     run_case(TritonBackend(), name, dtype)
+    if name in DORA_CASES:
+        run_case(TritonBackend(), name, dtype, dora="g+shift")
 
 
 @pytest.mark.slow

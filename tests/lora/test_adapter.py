@@ -182,7 +182,6 @@ def good(save_peft, tmp_path: Path, llama_base) -> Path:
 
 
 @pytest.mark.parametrize("change, feature", [
-    (dict(use_dora=True), "use_dora"),
     (dict(bias="lora_only"), "bias"),
     (dict(modules_to_save=["score"]), "modules_to_save"),
     (dict(target_modules=["q_proj", "embed_tokens"]), "embed_tokens"),
@@ -197,7 +196,6 @@ def test_rejects_unsupported_config(good: Path, shape: ModelShape, change: dict,
 
 
 @pytest.mark.parametrize("suffix, feature", [
-    ("self_attn.q_proj.lora_magnitude_vector", "lora_magnitude_vector"),
     ("self_attn.q_proj.lora_B.bias", "lora_bias"),
     ("mlp.fc1.lora_A.weight", "fc1"),
 ])
@@ -218,11 +216,29 @@ def test_rejects_embedding_and_head_tensors(save_peft, tmp_path: Path, llama_bas
     save_peft(llama_base, tmp_path / "h", seed=8, r=4, lora_alpha=8, target_modules=r".*(v_proj|lm_head)")
     with pytest.raises(UnsupportedAdapter, match="lm_head"):
         load_peft_adapter(tmp_path / "h", "x", shape)
+
+
+
+def test_dora_config_and_tensors_must_agree(save_peft, tmp_path: Path, llama_base, shape: ModelShape) -> None:
+    """DoRA loads (its magnitudes kept per module); magnitudes without use_dora, use_dora without
+    magnitudes, or a magnitude of the wrong length fail that adapter with the key named."""
     save_peft(llama_base, tmp_path / "d", seed=8, r=4, lora_alpha=8, use_dora=True)
-    with pytest.raises(UnsupportedAdapter, match="use_dora"):
+    ad = load_peft_adapter(tmp_path / "d", "x", shape)
+    assert ad.dora and all(m.magnitude is not None and m.magnitude.shape == m.b.shape[:1] for m in ad.modules.values())
+    _write_config(tmp_path / "d", use_dora=False)  # the magnitude tensors alone are refused
+    with pytest.raises(AdapterLoadError, match="lora_magnitude_vector"):
         load_peft_adapter(tmp_path / "d", "x", shape)
-    _write_config(tmp_path / "d", use_dora=False)  # the magnitude tensors alone are rejected too
-    with pytest.raises(UnsupportedAdapter, match="lora_magnitude_vector"):
+    save_peft(llama_base, tmp_path / "p", seed=8, r=4, lora_alpha=8)
+    _write_config(tmp_path / "p", use_dora=True)
+    with pytest.raises(AdapterLoadError, match="no lora_magnitude_vector"):
+        load_peft_adapter(tmp_path / "p", "x", shape)
+    p = tmp_path / "d" / "adapter_model.safetensors"
+    _write_config(tmp_path / "d", use_dora=True)
+    sd = load_file(str(p))
+    key = next(k for k in sd if "magnitude" in k)
+    sd[key] = sd[key][:-1]
+    save_file(sd, str(p))
+    with pytest.raises(AdapterLoadError, match="expected"):
         load_peft_adapter(tmp_path / "d", "x", shape)
 
 

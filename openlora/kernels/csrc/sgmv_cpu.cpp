@@ -10,6 +10,10 @@
 //     segment's A and Bt rows exactly once, converting bf16/fp16 to fp32 in registers, and applies it to
 //     all (<= kTokBlock) tokens of the item, so a distinct adapter's rows are read from memory once.
 // Preconditions (checked): a token index appears in at most one segment (items write disjoint y rows).
+//
+// DoRA (sgmv_dora): a segment with a row-scale entry d > 0 ends in the epilogue
+//   y[t] = g[d] * (y[t] + delta[t]) + shift[d]     (fp32, then one rounding; multiply then add, no FMA)
+// with g, shift = one layer of the row-scale tables, [E, N] fp32 (shift optional); see openlora/lora/dora.py.
 
 #include <torch/extension.h>
 
@@ -130,9 +134,27 @@ inline void dot_block(const float* xf, int64_t K, const T* arow, float* out) {
 // y[tok[t]][c] += sum_j v[t*r + j] * Bt[rows[j]][c] for t < NB, all c < N (one rounding per element).
 // Register-blocked: a strip of CV*16 columns of NB tokens is accumulated in zmm registers over all r
 // rows, so each Bt element is loaded once and no fp32 accumulator goes through memory.
+// The epilogue of one output vector: y + acc, then (DoRA) * g + shift.
+inline __m512 finish(__m512 y, __m512 acc, const float* gv, const float* sv, int64_t c) {
+  __m512 o = _mm512_add_ps(y, acc);
+  if (gv != nullptr) {
+    o = _mm512_mul_ps(o, _mm512_loadu_ps(gv + c));
+    if (sv != nullptr) o = _mm512_add_ps(o, _mm512_loadu_ps(sv + c));
+  }
+  return o;
+}
+inline __m512 finish(__m512 y, __m512 acc, const float* gv, const float* sv, int64_t c, __mmask16 m) {
+  __m512 o = _mm512_add_ps(y, acc);
+  if (gv != nullptr) {
+    o = _mm512_mul_ps(o, _mm512_maskz_loadu_ps(m, gv + c));
+    if (sv != nullptr) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(m, sv + c));
+  }
+  return o;
+}
+
 template <typename T, int NB>
 inline void expand_block(const float* v, int64_t r, const T* bt, int64_t ldb, const int64_t* rows, T* y,
-                         int64_t ldy, const int64_t* tok, int64_t N) {
+                         int64_t ldy, const int64_t* tok, int64_t N, const float* gv, const float* sv) {
   constexpr int CV = NB <= 2 ? 4 : 2;  // vectors per token: enough independent FMA chains when NB is small
   constexpr int64_t W = CV * 16;
   int64_t c = 0;
@@ -152,7 +174,7 @@ inline void expand_block(const float* v, int64_t r, const T* bt, int64_t ldb, co
     for (int t = 0; t < NB; ++t) {
       T* yrow = y + tok[t] * ldy + c;
       for (int u = 0; u < CV; ++u)
-        Vec<T>::store(yrow + 16 * u, _mm512_add_ps(Vec<T>::load(yrow + 16 * u), acc[t][u]));
+        Vec<T>::store(yrow + 16 * u, finish(Vec<T>::load(yrow + 16 * u), acc[t][u], gv, sv, c + 16 * u));
     }
   }
   for (; c < N; c += 16) {  // tail: one masked vector at a time
@@ -165,7 +187,7 @@ inline void expand_block(const float* v, int64_t r, const T* bt, int64_t ldb, co
     }
     for (int t = 0; t < NB; ++t) {
       T* yrow = y + tok[t] * ldy + c;
-      Vec<T>::store(yrow, _mm512_add_ps(Vec<T>::load(yrow, m), acc[t]), m);
+      Vec<T>::store(yrow, finish(Vec<T>::load(yrow, m), acc[t], gv, sv, c, m), m);
     }
   }
 }
@@ -191,7 +213,7 @@ inline void dot_block(const float* xf, int64_t K, const T* arow, float* out) {
 
 template <typename T, int NB>
 inline void expand_block(const float* v, int64_t r, const T* bt, int64_t ldb, const int64_t* rows, T* y,
-                         int64_t ldy, const int64_t* tok, int64_t N) {
+                         int64_t ldy, const int64_t* tok, int64_t N, const float* gv, const float* sv) {
   std::vector<float> acc(N);
   for (int t = 0; t < NB; ++t) {
     std::fill(acc.begin(), acc.end(), 0.f);
@@ -201,7 +223,15 @@ inline void expand_block(const float* v, int64_t r, const T* bt, int64_t ldb, co
       for (int64_t c = 0; c < N; ++c) acc[c] += vt * static_cast<float>(brow[c]);
     }
     T* yrow = y + tok[t] * ldy;
-    for (int64_t c = 0; c < N; ++c) yrow[c] = static_cast<T>(static_cast<float>(yrow[c]) + acc[c]);
+    if (gv == nullptr) {
+      for (int64_t c = 0; c < N; ++c) yrow[c] = static_cast<T>(static_cast<float>(yrow[c]) + acc[c]);
+    } else {
+      for (int64_t c = 0; c < N; ++c) {
+        float o = (static_cast<float>(yrow[c]) + acc[c]) * gv[c];
+        if (sv != nullptr) o = o + sv[c];
+        yrow[c] = static_cast<T>(o);
+      }
+    }
   }
 }
 
@@ -222,16 +252,16 @@ inline void dot_dispatch(int64_t nb, const float* xf, int64_t K, const T* arow, 
 }
 template <typename T>
 inline void expand_dispatch(int64_t nb, const float* v, int64_t r, const T* bt, int64_t ldb, const int64_t* rows,
-                            T* y, int64_t ldy, const int64_t* tok, int64_t N) {
+                            T* y, int64_t ldy, const int64_t* tok, int64_t N, const float* gv, const float* sv) {
   switch (nb) {
-    case 1: expand_block<T, 1>(v, r, bt, ldb, rows, y, ldy, tok, N); break;
-    case 2: expand_block<T, 2>(v, r, bt, ldb, rows, y, ldy, tok, N); break;
-    case 3: expand_block<T, 3>(v, r, bt, ldb, rows, y, ldy, tok, N); break;
-    case 4: expand_block<T, 4>(v, r, bt, ldb, rows, y, ldy, tok, N); break;
-    case 5: expand_block<T, 5>(v, r, bt, ldb, rows, y, ldy, tok, N); break;
-    case 6: expand_block<T, 6>(v, r, bt, ldb, rows, y, ldy, tok, N); break;
-    case 7: expand_block<T, 7>(v, r, bt, ldb, rows, y, ldy, tok, N); break;
-    default: expand_block<T, 8>(v, r, bt, ldb, rows, y, ldy, tok, N); break;
+    case 1: expand_block<T, 1>(v, r, bt, ldb, rows, y, ldy, tok, N, gv, sv); break;
+    case 2: expand_block<T, 2>(v, r, bt, ldb, rows, y, ldy, tok, N, gv, sv); break;
+    case 3: expand_block<T, 3>(v, r, bt, ldb, rows, y, ldy, tok, N, gv, sv); break;
+    case 4: expand_block<T, 4>(v, r, bt, ldb, rows, y, ldy, tok, N, gv, sv); break;
+    case 5: expand_block<T, 5>(v, r, bt, ldb, rows, y, ldy, tok, N, gv, sv); break;
+    case 6: expand_block<T, 6>(v, r, bt, ldb, rows, y, ldy, tok, N, gv, sv); break;
+    case 7: expand_block<T, 7>(v, r, bt, ldb, rows, y, ldy, tok, N, gv, sv); break;
+    default: expand_block<T, 8>(v, r, bt, ldb, rows, y, ldy, tok, N, gv, sv); break;
   }
 }
 static_assert(kTokBlock == 8, "dot_dispatch / expand_dispatch cover 1..8 tokens");
@@ -249,7 +279,7 @@ struct Scratch {
 // One work item: nb <= kTokBlock tokens that share the r rows `rows` (scales `scale`).
 template <typename T>
 void run_item(const Operands& op, const T* x, const T* a, const T* bt, T* y, const int64_t* tok, int64_t nb,
-              const int64_t* rows, const float* scale, int64_t r, Scratch& s) {
+              const int64_t* rows, const float* scale, int64_t r, Scratch& s, const float* gv, const float* sv) {
   const int64_t K = op.K, N = op.N;
   s.xf.resize(kTokBlock * K);
   s.v.resize(kTokBlock * r);
@@ -268,28 +298,50 @@ void run_item(const Operands& op, const T* x, const T* a, const T* bt, T* y, con
     for (int64_t t = 0; t < nb; ++t) s.v[t * r + j] = d[t] * scale[j];
   }
 
-  // Expand: y[t, c] += sum_j v[t, j] * Bt[rows[j], c]; each Bt row is read once.
-  expand_dispatch(nb, s.v.data(), r, bt, op.ldb, rows, y, op.ldy, tok, N);
+  // Expand: y[t, c] += sum_j v[t, j] * Bt[rows[j], c]; each Bt row is read once (DoRA: and rescaled).
+  expand_dispatch(nb, s.v.data(), r, bt, op.ldb, rows, y, op.ldy, tok, N, gv, sv);
 }
 
 // A long segment as two fp32 GEMMs: [n, K] x [K, r] -> [n, r] (scaled) x [r, N] -> [n, N].
+// `g`, `shift`: the segment's DoRA row scales ([N] fp32), or undefined tensors.
 void run_segment_mm(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
-                    const at::Tensor& tok, const at::Tensor& rows, const at::Tensor& scale) {
+                    const at::Tensor& tok, const at::Tensor& rows, const at::Tensor& scale,
+                    const at::Tensor& g, const at::Tensor& shift) {
   const at::Tensor xs = x.index_select(0, tok).to(at::kFloat);                  // [n, K]
   const at::Tensor ar = a.index_select(0, rows).to(at::kFloat);                 // [r, K]
   const at::Tensor v = at::mm(xs, ar.t()).mul_(scale.unsqueeze(0));             // [n, r] fp32
   const at::Tensor out = at::mm(v, bt.index_select(0, rows).to(at::kFloat));    // [n, N] fp32
-  if (y.scalar_type() == at::kFloat) {
+  if (g.defined()) {  // DoRA: (y + out) * g + shift, one rounding
+    at::Tensor o = y.index_select(0, tok).to(at::kFloat).add_(out).mul_(g.unsqueeze(0));
+    if (shift.defined()) o.add_(shift.unsqueeze(0));
+    y.index_copy_(0, tok, o.to(y.scalar_type()));
+  } else if (y.scalar_type() == at::kFloat) {
     y.index_add_(0, tok, out);
   } else {  // add in fp32, round once
     y.index_copy_(0, tok, y.index_select(0, tok).to(at::kFloat).add_(out).to(y.scalar_type()));
   }
 }
 
+// DoRA operands of one call: seg[g] = segment g's row-scale entry (0: none); g / shift: [E, N] fp32
+// (shift may be undefined). All undefined for plain LoRA.
+struct Dora {
+  at::Tensor seg, g, shift;
+  const float* gv(const int64_t g_idx, int64_t N) const {
+    if (!seg.defined()) return nullptr;
+    const int64_t d = seg.data_ptr<int64_t>()[g_idx];
+    return d > 0 ? g.data_ptr<float>() + d * N : nullptr;
+  }
+  const float* sv(const int64_t g_idx, int64_t N) const {
+    if (!seg.defined() || !shift.defined()) return nullptr;
+    const int64_t d = seg.data_ptr<int64_t>()[g_idx];
+    return d > 0 ? shift.data_ptr<float>() + d * N : nullptr;
+  }
+};
+
 template <typename T>
 void sgmv_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
                 const at::Tensor& token_idx, const at::Tensor& seg_indptr, const at::Tensor& row_idx,
-                const at::Tensor& row_indptr, const at::Tensor& row_scale, int64_t mm_min_tokens) {
+                const at::Tensor& row_indptr, const at::Tensor& row_scale, int64_t mm_min_tokens, const Dora& dora) {
   const int64_t G = seg_indptr.numel() - 1;
   const int64_t* seg = seg_indptr.data_ptr<int64_t>();
   const int64_t* rptr = row_indptr.data_ptr<int64_t>();
@@ -307,7 +359,10 @@ void sgmv_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const a
     const int64_t s0 = seg[g], s1 = seg[g + 1], r0 = rptr[g], r1 = rptr[g + 1];
     if (s1 <= s0 || r1 <= r0) continue;
     if (s1 - s0 >= mm_min_tokens) {
-      run_segment_mm(y, x, a, bt, token_idx.slice(0, s0, s1), row_idx.slice(0, r0, r1), row_scale.slice(0, r0, r1));
+      const int64_t d = dora.seg.defined() ? dora.seg.data_ptr<int64_t>()[g] : 0;
+      run_segment_mm(y, x, a, bt, token_idx.slice(0, s0, s1), row_idx.slice(0, r0, r1), row_scale.slice(0, r0, r1),
+                     d > 0 ? dora.g.select(0, d) : at::Tensor(),
+                     d > 0 && dora.shift.defined() ? dora.shift.select(0, d) : at::Tensor());
       continue;
     }
     for (int64_t t0 = s0; t0 < s1; t0 += kTokBlock) items.push_back({g, t0, std::min(s1, t0 + kTokBlock)});
@@ -327,7 +382,8 @@ void sgmv_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const a
         const int64_t n0 = rptr[items[i + 1].g], n1 = std::min(rptr[items[i + 1].g + 1], n0 + kPrefetchRows);
         for (int64_t j = n0; j < n1; ++j) prefetch_row(ap + rows[j] * op.lda, op.K);
       }
-      run_item<T>(op, xp, ap, bp, yp, tok + it.t0, it.t1 - it.t0, rows + r0, scale + r0, r1 - r0, s);
+      run_item<T>(op, xp, ap, bp, yp, tok + it.t0, it.t1 - it.t0, rows + r0, scale + r0, r1 - r0, s,
+                  dora.gv(it.g, op.N), dora.sv(it.g, op.N));
     }
   });
 }
@@ -377,25 +433,54 @@ void check_inputs(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
 
 }  // namespace
 
-// y[T, N] += per segment: (scale * (x[tok] @ a[rows]^T)) @ bt[rows]; see the file header.
-void sgmv_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
+void sgmv_any(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
               const at::Tensor& token_idx, const at::Tensor& seg_indptr, const at::Tensor& row_idx,
-              const at::Tensor& row_indptr, const at::Tensor& row_scale, int64_t mm_min_tokens) {
+              const at::Tensor& row_indptr, const at::Tensor& row_scale, int64_t mm_min_tokens, const Dora& dora) {
   check_inputs(y, x, a, bt, token_idx, seg_indptr, row_idx, row_indptr, row_scale);
   switch (y.scalar_type()) {
     case at::kFloat:
-      sgmv_typed<float>(y, x, a, bt, token_idx, seg_indptr, row_idx, row_indptr, row_scale, mm_min_tokens);
+      sgmv_typed<float>(y, x, a, bt, token_idx, seg_indptr, row_idx, row_indptr, row_scale, mm_min_tokens, dora);
       break;
     case at::kBFloat16:
-      sgmv_typed<at::BFloat16>(y, x, a, bt, token_idx, seg_indptr, row_idx, row_indptr, row_scale, mm_min_tokens);
+      sgmv_typed<at::BFloat16>(y, x, a, bt, token_idx, seg_indptr, row_idx, row_indptr, row_scale, mm_min_tokens,
+                               dora);
       break;
     case at::kHalf:
-      sgmv_typed<at::Half>(y, x, a, bt, token_idx, seg_indptr, row_idx, row_indptr, row_scale, mm_min_tokens);
+      sgmv_typed<at::Half>(y, x, a, bt, token_idx, seg_indptr, row_idx, row_indptr, row_scale, mm_min_tokens, dora);
       break;
     default:
       TORCH_CHECK(false, "sgmv: unsupported dtype ", y.scalar_type());
   }
 }
+
+// y[T, N] += per segment: (scale * (x[tok] @ a[rows]^T)) @ bt[rows]; see the file header.
+void sgmv_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
+              const at::Tensor& token_idx, const at::Tensor& seg_indptr, const at::Tensor& row_idx,
+              const at::Tensor& row_indptr, const at::Tensor& row_scale, int64_t mm_min_tokens) {
+  sgmv_any(y, x, a, bt, token_idx, seg_indptr, row_idx, row_indptr, row_scale, mm_min_tokens, Dora{});
+}
+
+// sgmv_cpu plus the DoRA epilogue: seg_dora [G] int64 entries, g / shift [E, N] fp32 (one layer's tables).
+void sgmv_dora_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
+                   const at::Tensor& token_idx, const at::Tensor& seg_indptr, const at::Tensor& row_idx,
+                   const at::Tensor& row_indptr, const at::Tensor& row_scale, int64_t mm_min_tokens,
+                   const at::Tensor& seg_dora, const at::Tensor& g, const c10::optional<at::Tensor>& shift) {
+  check_index_vector(seg_dora, "seg_dora");
+  TORCH_CHECK(seg_dora.numel() == seg_indptr.numel() - 1, "seg_dora must have one entry per segment");
+  TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == at::kFloat && g.dim() == 2 && g.is_contiguous() &&
+                  g.size(1) == y.size(1), "DoRA g must be a contiguous fp32 [E, N] CPU tensor");
+  const int64_t E = g.size(0);
+  const int64_t* sd = seg_dora.data_ptr<int64_t>();
+  for (int64_t i = 0; i < seg_dora.numel(); ++i) TORCH_CHECK(sd[i] >= 0 && sd[i] < E, "DoRA entry out of range");
+  Dora dora{seg_dora, g, at::Tensor()};
+  if (shift.has_value() && shift->defined()) {
+    TORCH_CHECK(shift->sizes() == g.sizes() && shift->scalar_type() == at::kFloat && shift->is_contiguous(),
+                "DoRA shift must be shaped like g");
+    dora.shift = *shift;
+  }
+  sgmv_any(y, x, a, bt, token_idx, seg_indptr, row_idx, row_indptr, row_scale, mm_min_tokens, dora);
+}
+
 
 bool sgmv_has_avx512() { return OPENLORA_AVX512 != 0; }
 
@@ -404,6 +489,8 @@ bool sgmv_has_avx512() { return OPENLORA_AVX512 != 0; }
 #ifndef OPENLORA_UNITY_BUILD  // csrc/decoder_cpu.cpp compiles this file into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgmv", &sgmv_cpu, "SGMV LoRA apply on the CPU (adds into y in place)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("sgmv_dora", &sgmv_dora_cpu, "SGMV with the DoRA row-scale epilogue (see the file header)",
         py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512", &sgmv_has_avx512, "whether the AVX-512 kernels were compiled in");
 }

@@ -1,0 +1,51 @@
+"""DoRA's per-row scale, computed from the weights actually served.
+
+PEFT's DoRA layer computes y = g * (W x + s B A x) + bias with g = m / ||W + s B A||, the norm taken per
+output row over the input dimension, and m the adapter's magnitude vector. OpenLoRA keeps W x and the
+LoRA delta as they are (base GEMM, then SGMV) and applies g in the SGMV expand epilogue, per token of a
+DoRA segment: y = g * (y + delta) + shift, where shift = (1 - g) * bias undoes the scale on the bias
+the base GEMM already added (zero for bias-free projections).
+
+g is computed once per adapter, layer and site when the adapter becomes resident, in fp32, without
+building the dense [out, in] update:
+    ||W_o + s (BA)_o||^2 = ||W_o||^2 + 2 s <W_o, (BA)_o> + s^2 ||(BA)_o||^2
+    <W_o, (BA)_o>       = sum_j B[o, j] (A W^T)[j, o]      (A W^T: the served projection of A's rows)
+    ||(BA)_o||^2        = B_o (A A^T) B_o^T
+The pool stores Bt = s B^T, so with M = A W^T ([r, out]) and G = A A^T ([r, r]):
+    norm^2 = row_sq + 2 * sum_j Bt[j] * M[j] + sum_j Bt[j] * (G Bt)[j].
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class BaseProjections(Protocol):
+    """The served base model's projections, as DoRA needs them (openlora.model.llama implements it)."""
+
+    def project(self, layer: int, site: str, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] (model dtype) -> x @ W^T [n, out] fp32, through the served weights, without bias."""
+
+    def row_sq(self, layer: int, site: str) -> torch.Tensor:
+        """||W_o||^2 per output row, fp32 [out]."""
+
+    def bias(self, layer: int, site: str) -> torch.Tensor | None:
+        """The projection's bias, fp32 [out], or None."""
+
+
+@torch.no_grad()
+def row_scale(base: BaseProjections, layer: int, site: str, a: torch.Tensor, bt: torch.Tensor,
+              magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(g [out], shift [out] or None) for one module: a [r, in] and bt [r, out] as the pool stores them
+    (bt = scaling * B^T, model dtype), magnitude [out] fp32."""
+    m_proj = base.project(layer, site, a).double()  # [r, out]: A W^T
+    a64, bt64 = a.double(), bt.double()
+    gram = a64 @ a64.t()  # [r, r]
+    cross = (bt64 * m_proj).sum(0)  # [out]: s <W_o, (BA)_o>
+    quad = (bt64 * (gram @ bt64)).sum(0)  # [out]: s^2 ||(BA)_o||^2
+    norm = (base.row_sq(layer, site).double() + 2.0 * cross + quad).clamp_min(0.0).sqrt()
+    g = (magnitude.double() / norm).float()
+    b = base.bias(layer, site)
+    return g, (None if b is None else ((1.0 - g.double()) * b.double()).float())
