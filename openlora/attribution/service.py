@@ -69,6 +69,7 @@ class AttributionService:
         self._lookup = manifests
         self._base_manifest = self.default_policy.manifest_for(self.operator, base_model_id)
         self._manifests: dict[str, Manifest] = {}  # registered or looked-up, validated
+        self._pinned: dict[tuple[str, str], Manifest] = {}  # (adapter id, content hash) of a replaced version
         # Called with (adapter id, manifest or None) before an adapter's terms are used; chain mode
         # checks them against the on-chain registry (raises InvalidRequest naming the adapter).
         self.manifest_check: Callable[[str, Manifest | None], None] | None = None
@@ -89,6 +90,14 @@ class AttributionService:
     def register_manifest(self, adapter_id: str, manifest: ManifestLike) -> Manifest | None:
         """Register (or replace) an adapter's manifest: a Manifest, a dict, or an adapter folder
         holding `attribution.json` (a folder without one registers nothing: default policy)."""
+        m = self.check_manifest(adapter_id, manifest)
+        if m is not None:
+            self.set_manifest(adapter_id, m)
+        return m
+
+    def check_manifest(self, adapter_id: str, manifest: ManifestLike) -> Manifest | None:
+        """Validate a manifest for `adapter_id` (and, in chain mode, check it against the registry)
+        without using it yet: an adapter update checks its new terms before its new files load."""
         m = self._parse(manifest)
         if self.manifest_check is not None:
             self.manifest_check(adapter_id, m)
@@ -96,9 +105,28 @@ class AttributionService:
                 self._checked.add(adapter_id)
         if m is not None:
             self._check_base(adapter_id, m)
-            with self._lock:
-                self._manifests[adapter_id] = m
         return m
+
+    def set_manifest(self, adapter_id: str, m: Manifest) -> None:
+        """Price `adapter_id` by `m` (from check_manifest) from now on."""
+        with self._lock:
+            self._manifests[adapter_id] = m
+
+    def pin_version(self, adapter_id: str, content_hash: str, manifest: Manifest | None = None) -> None:
+        """Keep `manifest` (default: the one now in effect for `adapter_id`) for the content
+        `content_hash`: called when an adapter is updated in place, before its new manifest is set, so
+        the receipts of requests that still run on the old version carry the old version's terms
+        (version string, prices, splits)."""
+        if content_hash:
+            m = manifest if manifest is not None else self.manifest(adapter_id)
+            with self._lock:
+                self._pinned[(adapter_id, content_hash)] = m
+
+    def _served_manifest(self, adapter_id: str, content_hash: str) -> Manifest:
+        """The manifest of the adapter version that served: pinned to its content, else the id's."""
+        with self._lock:
+            m = self._pinned.get((adapter_id, content_hash))
+        return m if m is not None else self.manifest(adapter_id)
 
     def manifest(self, adapter_id: str) -> Manifest:
         """The manifest that prices `adapter_id` (the default policy's if it has none)."""
@@ -161,7 +189,7 @@ class AttributionService:
         Returns only after the receipt is durable. Raises InvalidRequest for a malformed event
         and LedgerError if the commit failed.
         """
-        manifests = [self.manifest(a.adapter_id) for a in event.adapters]
+        manifests = [self._served_manifest(a.adapter_id, a.content_hash) for a in event.adapters]
         with self._lock:
             hit = self._inflight.get(event.request_id)
             if hit is not None:

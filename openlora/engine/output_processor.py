@@ -147,7 +147,12 @@ class OutputProcessor:
                 log.exception("usage listener failed for %s", g.request_id)
 
     def _usage_adapters(self, g: RequestGroup, first: Request) -> tuple[AdapterUse, ...]:
-        """Every source adapter: a merged request lists the merge's sources, not the merged copy."""
-        if g.sources is None:
-            return first.adapters
-        return tuple(AdapterUse(aid, self.engine.lora.content_hash(aid), w) for aid, w in g.sources)
+        """Every source adapter: a merged request lists the merge's sources, not the merged copy, with
+        the content hashes of the versions that served (a source may have been updated since)."""
+        merged = (g.merge or {}).get("merged_adapter")
+        if g.sources is None or (merged is None and all(u.content_hash for u in first.adapters)):
+            return first.adapters  # plain requests and `cat` compositions: the versions they ran on
+        hashes = self.engine.merges.source_hashes(merged) if merged is not None else None
+        if hashes is None:  # never ran: name the current versions
+            hashes = tuple(self.engine.lora.content_hash(aid) for aid, _ in g.sources)
+        return tuple(AdapterUse(aid, h, w) for (aid, w), h in zip(g.sources, hashes))

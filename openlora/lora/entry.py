@@ -50,8 +50,9 @@ class AdapterEntry:
     load_seconds: float | None = None  # last background load (fetch + parse + pack)
     copy_seconds: float | None = None  # last host -> pool copy
     resident_since: float = 0.0  # start of the current residency (time slices count from here)
-    unregistered: bool = False
+    unregistered: bool = False  # unregistered or superseded by an update: serves its requests, then goes
     builder: Callable[[], LoRAAdapter] | None = None  # returns the adapter (merges); None: load from source
+    serial: int = 0  # this registration's number in its manager (never reused: merge keys name it)
 
     @property
     def resident(self) -> bool:
@@ -73,3 +74,14 @@ class AdapterEntry:
         if self.builder is not None:
             return AdapterState.REGISTERED
         return AdapterState.ON_DISK if self.load_seconds is not None else AdapterState.REGISTERED
+
+
+@dataclass(frozen=True)
+class StagedVersion:
+    """A new version of an adapter, loaded and checked but not serving yet (LoRAManager.stage); the
+    manager's install() makes it current. Other layers read `adapter_id` and `content_hash` only."""
+
+    adapter_id: str
+    content_hash: str
+    pinned: bool | None  # None: keep the replaced version's
+    entry: AdapterEntry = field(repr=False)

@@ -5,15 +5,21 @@ Tiers: remote -> disk cache (openlora.lora.sources) -> host cache (openlora.lora
 prefetch, loader threads) -> device slots (openlora.lora.device_slots: pool rows, eviction, time
 slices). The engine step only ever copies packed host tensors into free pool rows.
 
-Other layers use the methods below (card, cards, snapshot, content_hash, pool_tensors, source_adapter,
-the gate's enqueue/failure/acquire/release/requeue); nothing outside openlora/lora touches the entries,
-the lock or the tiers (tests/test_layering.py). One RLock guards every entry and every tier: the tiers'
-rules read each other's state (a queued adapter is never dropped from the host), so finer locks would
-only add orderings to get wrong.
+Other layers use the methods below (register, update or stage + install, card, cards, snapshot,
+content_hash, pool_tensors, source_adapter, the gate's enqueue/failure/acquire/release/requeue); nothing
+outside openlora/lora touches the entries, the lock or the tiers (tests/test_layering.py). One RLock
+guards every entry and every tier: the tiers' rules read each other's state (a queued adapter is never
+dropped from the host), so finer locks would only add orderings to get wrong.
+
+Versions: an id names one current entry. Registering it again or update() replaces that entry
+atomically; each request is bound to the entries it resolved when queued (self._req), so requests of a
+replaced (or unregistered) entry finish on it, which is freed when its last request ends. Content
+hashes key the prefix cache and merges, so nothing computed for one version serves another.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -28,7 +34,7 @@ from openlora.errors import AdapterLoadError, AdapterNotFound, InvalidRequest
 from openlora.lora.adapter import LoRAAdapter, load_peft_adapter
 from openlora.lora.batch import LoRABatch
 from openlora.lora.device_slots import DeviceSlots
-from openlora.lora.entry import AdapterEntry, AdapterState
+from openlora.lora.entry import AdapterEntry, AdapterState, StagedVersion
 from openlora.lora.host_cache import HostCache
 from openlora.lora.pool import LoRAPool
 from openlora.lora.registry import AdapterRegistry
@@ -37,7 +43,7 @@ from openlora.request import AdapterUse, Request
 
 log = logging.getLogger("openlora.lora")
 
-__all__ = ["AdapterEntry", "AdapterState", "LoRAManager"]
+__all__ = ["AdapterEntry", "AdapterState", "LoRAManager", "StagedVersion"]
 
 
 class LoRAManager:
@@ -62,6 +68,7 @@ class LoRAManager:
                                  config.scheduler.adapter_time_slice_s, self.host_cache, self.stats,
                                  scrub=config.cache.scrub_freed_memory)
         self._req: dict[str, list[AdapterEntry]] = {}  # request id -> its entries (survives re-register)
+        self._serials = itertools.count(1)  # AdapterEntry.serial
 
     def use_base(self, base) -> None:
         """The served model's projections (openlora.lora.dora.BaseProjections): DoRA adapters need them."""
@@ -77,31 +84,77 @@ class LoRAManager:
     # ---- registry ---------------------------------------------------------------------------
     def register(self, adapter_id: str, source: str, *, pinned: bool = False, load: bool = False,
                  builder: Callable[[], LoRAAdapter] | None = None, expected_hash: str | None = None) -> None:
-        """Register without loading (unless `load`: then load now and raise on a bad adapter).
-        `expected_hash` (sources.files_hash of the adapter's files) is checked on every fetch."""
+        """Register `adapter_id`, or replace the adapter registered under it (as install() does: requests
+        bound to the old version finish on it). Without `load` nothing is read now; with it the adapter
+        is loaded first and a bad one raises, leaving any old version serving. `expected_hash`
+        (sources.files_hash of the adapter's files) is checked on every fetch."""
+        if load:
+            self.install(self.stage(adapter_id, source, pinned=pinned, builder=builder, expected_hash=expected_hash))
+            return
+        e = self._new_entry(adapter_id, source, pinned, builder, expected_hash)
+        with self.lock:
+            self._swap(e)
+
+    def update(self, adapter_id: str, source: str, *, pinned: bool | None = None,
+               expected_hash: str | None = None) -> str:
+        """Replace a registered adapter with a new version (other files, or its source read again):
+        stage() then install(). A bad new version raises the loader's error and the old one keeps
+        serving; an unknown id raises AdapterNotFound. Returns the replaced version's content hash."""
+        with self.lock:
+            self.registry.get(adapter_id)  # 404 before reading anything
+        return self.install(self.stage(adapter_id, source, pinned=pinned, expected_hash=expected_hash),
+                            replace_only=True)
+
+    def stage(self, adapter_id: str, source: str, *, pinned: bool | None = None,
+              builder: Callable[[], LoRAAdapter] | None = None, expected_hash: str | None = None) -> StagedVersion:
+        """Load and check a version of `adapter_id` on this thread (the lock is only taken around state
+        changes, so the engine keeps stepping) without making it current. Raises the loader's error
+        (AdapterLoadError, AdapterNotFound, InvalidRequest). `pinned` None: keep the replaced one's."""
+        e = self._new_entry(adapter_id, source, bool(pinned), builder, expected_hash)
+        with self.lock:
+            self.host_cache.start_loading(e)
+        self.host_cache.load(e)
+        with self.lock:
+            if e.state == AdapterState.FAILED:
+                raise e.exc or AdapterLoadError(e.error or f"adapter {adapter_id!r} failed to load")
+            return StagedVersion(adapter_id, e.content_hash, pinned, e)
+
+    def install(self, staged: StagedVersion, *, replace_only: bool = False) -> str:
+        """Make a staged version current, atomically: requests resolved from now on get it; requests
+        already bound to the replaced version (queued or running) finish on that one, whose device rows
+        and host copy are freed when the last one ends. Returns the replaced version's content hash (''
+        if there was none or it never loaded). `replace_only`: raise AdapterNotFound (and forget the
+        staged copy) unless the id is registered. The server calls this on the engine thread, so a
+        request is bound to the version current when the engine accepted it."""
+        e = staged.entry
+        with self.lock:
+            old = self.registry.find(staged.adapter_id)
+            if old is None and replace_only:
+                self._drop(e)
+                raise AdapterNotFound(f"adapter {staged.adapter_id!r} is not registered")
+            e.pinned = staged.pinned if staged.pinned is not None else bool(old is not None and old.pinned)
+            return self._swap(e)
+
+    def _new_entry(self, adapter_id: str, source: str, pinned: bool, builder: Callable[[], LoRAAdapter] | None,
+                   expected_hash: str | None) -> AdapterEntry:
         if not adapter_id or not isinstance(adapter_id, str):
             raise InvalidRequest("adapter id must be a non-empty string")
         if builder is None:
             parse_source(source)  # validates the spec early
-        with self.lock:
-            old = self.registry.find(adapter_id)
-            if old is not None:
-                if old.busy:
-                    raise InvalidRequest(f"adapter {adapter_id!r} is in use; unregister it first")
-                self._drop(old)
-            # An unregistered predecessor still serving its requests lives on through self._req.
-            e = AdapterEntry(adapter_id, source, pinned=pinned, builder=builder, expected_hash=expected_hash)
-            self.registry.add(e)
-            if load:
-                self.host_cache.start_loading(e)
-        if load:
-            self.host_cache.load(e)
-            with self.lock:
-                failed = e.state == AdapterState.FAILED
-                if failed:
-                    self.registry.remove(e)
-            if failed:
-                raise e.exc or AdapterLoadError(e.error or f"adapter {adapter_id!r} failed to load")
+        return AdapterEntry(adapter_id, source, pinned=pinned, builder=builder, expected_hash=expected_hash,
+                            serial=next(self._serials))
+
+    def _swap(self, e: AdapterEntry) -> str:
+        """Make `e` current under its id and retire the entry it replaces (lock held): an idle one goes
+        now, a busy one lives on through self._req until its requests end (release). Returns the
+        replaced entry's content hash."""
+        old = self.registry.add(e)
+        if old is None or old is e:
+            return ""
+        old.unregistered = True
+        if not old.busy:
+            self._drop(old)
+        return old.content_hash
 
     def register_dir(self, root: str | Path, *, prefix: str = "", pinned: bool = False) -> list[str]:
         """Register every adapter folder under `root` (sources.scan_adapter_dir) as `prefix + name`,
@@ -133,11 +186,13 @@ class LoRAManager:
     # ---- what the other layers ask ------------------------------------------------------------
     @staticmethod
     def _card(e: AdapterEntry) -> dict[str, Any]:
-        return {"id": e.adapter_id, "state": e.public_state(), "pinned": e.pinned, "load_seconds": e.load_seconds}
+        return {"id": e.adapter_id, "state": e.public_state(), "pinned": e.pinned, "load_seconds": e.load_seconds,
+                "content_hash": e.content_hash}
 
     def card(self, adapter_id: str) -> dict[str, Any] | None:
-        """{id, state, pinned, load_seconds} of a registered adapter; None if it is not registered.
-        state: registered, downloading, disk, loading, host, resident or failed."""
+        """{id, state, pinned, load_seconds, content_hash} of a registered adapter; None if it is not
+        registered. state: registered, downloading, disk, loading, host, resident or failed;
+        content_hash: '' until the current version first loaded."""
         with self.lock:
             e = self.registry.find(adapter_id)
             return None if e is None else self._card(e)
@@ -157,11 +212,14 @@ class LoRAManager:
         """(A rows, B^T rows) per site, [num_layers, pool_rows, in|out]: the runner's LoRA context."""
         return self.slots.pool.a, self.slots.pool.bt
 
-    def source_adapter(self, adapter_id: str) -> LoRAAdapter:
+    def source_adapter(self, adapter_id: str, identity: str | None = None) -> LoRAAdapter:
         """The parsed weights of a registered adapter (merges read them): the host copy when there is
-        one, else fetched and parsed now (not cached: the host cache holds what requests use)."""
+        one, else fetched and parsed now (not cached: the host cache holds what requests use). With
+        `identity` (what identity() said when the merge was keyed), raises AdapterLoadError if the
+        adapter was updated since, so a merge is never built from other content than its key names."""
         with self.lock:
             e = self.registry.get(adapter_id)
+            self._check_identity(e, identity)
             host = e.host
         if host is not None:
             return host
@@ -172,15 +230,29 @@ class LoRAManager:
         adapter = load_peft_adapter(path, adapter_id, self.shape, max_bytes=hc.max_bytes)
         with self.lock:
             e.content_hash = e.content_hash or adapter.content_hash
+            self._check_identity(e, identity, adapter.content_hash)  # the files changed under the same source
         return adapter
 
     def identity(self, adapter_id: str) -> str:
         """What a cached derivative (a merge) of this adapter is keyed by: its content hash once known;
-        before the first load, the registration itself (re-registering an id creates a new entry, so a
-        stale merge is never reused). Raises AdapterNotFound."""
+        before the first load, the registration itself (its serial: an update or re-registration makes a
+        new one, so a stale merge is never reused). Raises AdapterNotFound."""
         with self.lock:
-            e = self.registry.get(adapter_id)
-            return e.content_hash or f"{adapter_id}@{e.source}@{id(e)}"
+            return self._identity(self.registry.get(adapter_id))
+
+    @staticmethod
+    def _identity(e: AdapterEntry, registration: bool = False) -> str:
+        reg = f"{e.adapter_id}@{e.source}#{e.serial}"
+        return reg if registration else (e.content_hash or reg)
+
+    def _check_identity(self, e: AdapterEntry, identity: str | None, content_hash: str | None = None) -> None:
+        """Raise unless `identity` still names `e` (its registration, or the content read: `content_hash`,
+        else the entry's)."""
+        if identity is None or identity == self._identity(e, registration=True):
+            return
+        if identity != (content_hash or e.content_hash):
+            raise AdapterLoadError(f"adapter {e.adapter_id!r} was updated while a merge of it was being prepared; "
+                                   "send the request again")
 
     def host_copy(self, adapter_id: str) -> LoRAAdapter | None:
         """The adapter's parsed weights if they are in host memory now, else None (no loading)."""

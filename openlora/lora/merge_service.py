@@ -4,7 +4,8 @@ background, cache them, and serve them like any adapter (through the pool and th
 `cat` is exact and needs no merged copy: it becomes a weighted composition in the multi-adapter
 pass. Every other strategy builds a merged adapter once (on the adapter-load worker threads) and
 registers it under `merge:<key>`, where the key hashes the merge parameters and the source adapters'
-identities, so an identical request later is a cache hit.
+identities (content hashes), so an identical request later is a cache hit, and one after a source was
+updated in place builds a new merge: the build checks it reads the very versions the key names.
 """
 
 from __future__ import annotations
@@ -85,10 +86,13 @@ class MergeService:
         self.manager = manager  # openlora.lora.manager.LoRAManager
         self.lock = threading.Lock()
         self.stats = {"merges_built": 0, "merge_cache_hits": 0, "merge_requests": 0}
+        self._sources: dict[str, tuple[str, ...]] = {}  # merged adapter id -> its sources' content hashes
 
-    def key(self, spec: MergeSpec) -> str:
-        doc = {"v": 1, "sources": [self.manager.identity(a) for a in spec.adapters],
-               "weights": list(spec.weights), **spec.params()}
+    def key(self, spec: MergeSpec, identities: list[str] | None = None) -> str:
+        """The cache key: parameters, weights and the sources' identities (LoRAManager.identity)."""
+        if identities is None:
+            identities = [self.manager.identity(a) for a in spec.adapters]
+        doc = {"v": 1, "sources": identities, "weights": list(spec.weights), **spec.params()}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
     def prepare(self, spec: MergeSpec) -> list[tuple[str, float]]:
@@ -104,19 +108,21 @@ class MergeService:
         hosts = [self.manager.host_copy(a) for a in spec.adapters]
         if all(h is not None for h in hosts):
             check_ranks(hosts, spec.strategy)  # immediate 400 when the sources are already in memory
-        mid = f"merge:{self.key(spec)[:24]}"
+        identities = [self.manager.identity(a) for a in spec.adapters]
+        mid = f"merge:{self.key(spec, identities)[:24]}"
         with self.lock:
             existing = self.manager.card(mid)
             if existing is not None and existing["state"] != "failed":
                 self.stats["merge_cache_hits"] += 1
             else:
                 self.manager.register(mid, f"merge of {', '.join(spec.adapters)}",
-                                      builder=lambda: self._build(spec, mid))
+                                      builder=lambda: self._build(spec, mid, identities))
         return [(mid, 1.0)]
 
-    def _build(self, spec: MergeSpec, mid: str):
-        """Runs on an adapter-load worker: load the sources (host copy if present), merge, hash."""
-        sources = [self.manager.source_adapter(aid) for aid in spec.adapters]
+    def _build(self, spec: MergeSpec, mid: str, identities: list[str]):
+        """Runs on an adapter-load worker: load the sources (host copy if present; exactly the versions
+        the key names, else AdapterLoadError), merge, hash."""
+        sources = [self.manager.source_adapter(aid, ident) for aid, ident in zip(spec.adapters, identities)]
         merged = merge_adapters(sources, list(spec.weights), spec.strategy, density=spec.density,
                                 majority_sign_method=spec.majority_sign_method, svd_rank=spec.svd_rank,
                                 svd_clamp=spec.svd_clamp, seed=spec.seed, new_id=mid)
@@ -124,4 +130,11 @@ class MergeService:
             merged.content_hash = compute_content_hash(merged.modules)
         with self.lock:
             self.stats["merges_built"] += 1
+            self._sources[mid] = tuple(s.content_hash for s in sources)
         return merged
+
+    def source_hashes(self, mid: str) -> tuple[str, ...] | None:
+        """The content hashes of the source versions merged adapter `mid` was built from (receipts name
+        them, not whatever version is current when the request ends); None before it was built."""
+        with self.lock:
+            return self._sources.get(mid)

@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from openlora.engine.async_engine import AsyncEngine
-from openlora.errors import AdapterNotFound, InvalidRequest, OpenLoRAError
-from openlora.lora.sources import check_allowed, parse_source, scan_adapter_dir
+from openlora.errors import InvalidRequest, OpenLoRAError
+from openlora.lora.sources import scan_adapter_dir
+from openlora.server.adapter_routes import install_adapter_routes, register_adapter
 from openlora.server.chain_routes import install_chain_routes
 from openlora.server.errors import error_body, install_error_handlers
 from openlora.server.explorer import install_explorer_routes
@@ -29,7 +30,6 @@ from openlora.server.protocol import (
     CompletionResponse,
     ModelCard,
     ModelList,
-    RegisterAdapterRequest,
 )
 from openlora.server.serving import create_chat_completion, create_completion, may_use
 from openlora.server.state import ReceiptHook, ServerState
@@ -219,22 +219,6 @@ def _open_attribution(opts: ServeOptions, model_id: str, base_hash: str):
     return AttributionService(ledger, ident, base_model_id=model_id, base_model_hash=base_hash)
 
 
-def register_adapter(state: ServerState, name: str, source: str, *, pinned: bool = False, load: bool = False,
-                     manifest: dict | None = None, trusted: bool = False) -> None:
-    """Register an adapter and its attribution manifest (given, or attribution.json beside it). Sources
-    from the operator's command line are `trusted`; others (the admin API) must be of an allowed kind and,
-    when local, lie under the adapter roots with every symlink resolved."""
-    if name == state.model_id:
-        raise InvalidRequest(f"adapter id {name!r} is the base model's id")
-    check_allowed(parse_source(source), state.adapter_kinds, None if trusted else state.adapter_roots)
-    if state.attribution is not None:  # validate the manifest before the adapter becomes usable
-        if manifest is not None:
-            state.attribution.register_manifest(name, manifest)
-        elif Path(source).is_dir():
-            state.attribution.register_manifest(name, source)
-    state.lora.register(name, source, pinned=pinned, load=load)
-
-
 def create_app(state: ServerState) -> FastAPI:
     """The ASGI app for `state` (the engine thread starts with the app's lifespan)."""
 
@@ -277,26 +261,7 @@ def create_app(state: ServerState) -> FastAPI:
                             pinned=c["pinned"]) for c in state.lora.cards() if may_use(state, c["id"], caller)]
         return ModelList(data=cards)
 
-    @app.post("/v1/adapters", response_model=ModelCard)
-    async def add_adapter(body: RegisterAdapterRequest, raw: Request) -> ModelCard:
-        state.require_admin(raw)
-        # load=True parses the files now (blocking disk/network: a worker thread) so a bad adapter is a 4xx/503 here.
-        await asyncio.to_thread(register_adapter, state, body.id, body.source, pinned=body.pinned, load=True,
-                                manifest=body.manifest)
-        log.info("adapter %s registered at runtime <- %s", body.id, body.source)
-        c = state.lora.card(body.id)
-        if c is None:  # unregistered again by a concurrent DELETE
-            raise AdapterNotFound(f"adapter {body.id!r} is not registered")
-        return ModelCard(id=body.id, created=state.created, parent=state.model_id, state=c["state"],
-                         pinned=c["pinned"])
-
-    @app.delete("/v1/adapters/{adapter_id}")
-    async def delete_adapter(adapter_id: str, raw: Request) -> dict:
-        state.require_admin(raw)
-        # On the engine thread: the step must not see an entry vanish halfway.
-        await state.engine.call(lambda e: state.lora.unregister(adapter_id))
-        log.info("adapter %s unregistered", adapter_id)
-        return {"id": adapter_id, "object": "adapter", "deleted": True}
+    install_adapter_routes(app, state)
 
     @app.get("/v1/receipts/{receipt_id}")
     async def receipt(receipt_id: str, raw: Request) -> dict:

@@ -206,6 +206,9 @@ class ModelCard(BaseModel):
     parent: str | None = None
     state: str | None = Field(None, description="Adapters: resident, host, disk, loading, failed or registered.")
     pinned: bool | None = None
+    content_hash: str | None = Field(None, description="Admin adapter routes: the content hash of the version "
+                                                       "now current (receipts name it).")
+    version: str | None = Field(None, description="Admin adapter routes: its attribution manifest's version.")
 
 
 class ModelList(BaseModel):
@@ -214,8 +217,21 @@ class ModelList(BaseModel):
 
 
 class RegisterAdapterRequest(_Wire):
+    """POST /v1/adapters: register an adapter, or replace the version registered under `id`."""
+
     id: str = Field(min_length=1, max_length=256)
     source: str = Field(min_length=1, description="A local folder, a hub repo id (optionally @revision) or s3:// URI.")
     pinned: bool = False
     manifest: dict[str, Any] | None = Field(
-        None, description="Attribution manifest (else attribution.json beside the files).")
+        None, description="Attribution manifest (else attribution.json beside the files; else the id keeps its "
+                          "current one).")
+
+
+class UpdateAdapterRequest(_Wire):
+    """PUT /v1/adapters/{id}: a new version of a registered adapter (swapped in atomically)."""
+
+    source: str = Field(min_length=1, description="A local folder, a hub repo id (optionally @revision) or s3:// URI.")
+    pinned: bool | None = Field(None, description="Omitted: as the version it replaces.")
+    manifest: dict[str, Any] | None = Field(
+        None, description="Attribution manifest (else attribution.json beside the files; else the id keeps its "
+                          "current one).")

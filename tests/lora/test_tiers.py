@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from engine_steps import drain
 from test_many_adapters import write_random_adapter
 from test_sources import free_port, moto_url, s3, upload  # noqa: F401  (fixtures)
 
@@ -40,21 +41,6 @@ def make_llm(model: Path, root: Path, names: str, **kw) -> LLM:
     for n in names:
         llm.lora.register(n, str(root / n))
     return llm
-
-
-def drain(llm: LLM, timeout: float = 120.0) -> dict:
-    """Step until every request finished. A step with nothing to run (adapters still loading in the
-    background) returns at once, so idle steps sleep a little and the bound is time, not step count."""
-    final, deadline = {}, time.monotonic() + timeout
-    while llm.engine.has_unfinished_requests():
-        outs = llm.engine.step()
-        for o in outs:
-            if o.finished:
-                final[o.request_id] = o
-        if not outs:
-            time.sleep(0.002)
-        assert time.monotonic() < deadline, "requests did not finish"
-    return final
 
 
 def solo(model: Path, root: Path, name: str, prompt: list[int], n: int) -> list[int]:
