@@ -29,7 +29,7 @@ import math
 import re
 import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,9 @@ BIN_NAME = "adapter_model.bin"
 MAX_CONFIG_BYTES = 16 << 20
 DEFAULT_MAX_ADAPTER_BYTES = 4 << 30  # LoRAConfig.max_adapter_bytes (--max-adapter-bytes)
 
+# The model's ends: LoRA on the token embedding and on the output head (openlora.lora.heads).
+HEAD_SITES = ("embed_tokens", "lm_head")
+
 # Which submodule of a decoder layer owns each projection (Llama / Mistral / Qwen2 naming).
 SITE_PARENT = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -56,6 +59,11 @@ SITE_PARENT = {
 
 # `module.lora_A[.adapter_name].weight`; anything else under a LoRA module is unsupported.
 _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.(?P<param>weight|bias)$")
+# LoRA on an embedding: PEFT saves `embed_tokens.lora_embedding_A` [r, vocab] and `_B` [hidden, r].
+_EMB_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<kind>A|B)(?:\.(?P<name>[^.]+))?(?:\.weight)?$")
+# PEFT also saves the base weight of a targeted embedding or head (`save_embedding_layers`): kept only
+# to check that it is the served model's own (openlora.lora.device_slots), never used.
+_HEAD_BASE_RE = re.compile(r"^(?P<module>.*(?:embed_tokens|lm_head))\.base_layer\.weight$")
 # DoRA's magnitude: PEFT saves `module.lora_magnitude_vector` (raw state dicts: `.<adapter>.weight`).
 _MAG_RE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<name>[^.]+))?(?:\.weight)?$")
 _PREFIX = "base_model.model."
@@ -90,10 +98,15 @@ class LoRAAdapter:
     base_model_name_or_path: str | None
     modules: dict[tuple[int, str], LoRAModule]
     content_hash: str = ""  # filled by __post_init__ when empty
+    # LoRA on the model's ends (HEAD_SITES): "embed_tokens" with a = A [r, vocab], b = B [hidden, r];
+    # "lm_head" with a = A [r, hidden], b = B [vocab, r] (openlora.lora.heads applies them).
+    heads: dict[str, LoRAModule] = field(default_factory=dict)
+    # PEFT's saved copies of the ends' base weights ([vocab, hidden]); must equal the served ones.
+    head_bases: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.content_hash:
-            self.content_hash = compute_content_hash(self.modules)
+            self.content_hash = compute_content_hash({**self.modules, **{(-1, k): m for k, m in self.heads.items()}})
 
     def site_rank(self, site: str) -> int:
         """Largest rank of `site` over layers (0 if the adapter does not target it)."""
@@ -116,7 +129,8 @@ class LoRAAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() for m in self.modules.values())
+        return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()
+                   for m in (*self.modules.values(), *self.heads.values()))
 
     @property
     def num_layers(self) -> int:
@@ -201,11 +215,10 @@ def _check_config_features(cfg: dict[str, Any], cfg_path: Path) -> None:
     if isinstance(tm, (list, tuple)):
         for name in tm:
             last = str(name).split(".")[-1]
-            if last in ("embed_tokens", "lm_head"):
-                raise UnsupportedAdapter(f"{where}: LoRA on {last} is not supported")
-            if last not in LORA_SITES:
+            if last not in LORA_SITES and last not in HEAD_SITES:
                 raise UnsupportedAdapter(
-                    f"{where}: target module {name!r} is not supported (only {', '.join(LORA_SITES)})"
+                    f"{where}: target module {name!r} is not supported "
+                    f"(only {', '.join(LORA_SITES + HEAD_SITES)})"
                 )
     elif tm is not None and not isinstance(tm, str):
         raise AdapterLoadError(f"{where}: target_modules must be a list or a string, got {tm!r}")
@@ -249,14 +262,14 @@ def _check_config_types(cfg: dict[str, Any], where: str) -> None:
         _check_regex(ex, "exclude_modules", where)
     elif ex is not None and not (isinstance(ex, (list, tuple)) and all(isinstance(e, str) for e in ex)):
         raise AdapterLoadError(f"{where}: exclude_modules must be a string or a list of names, got {ex!r}")
-    for field, ok in (("rank_pattern", lambda v: _is_int(v) and v >= 1), ("alpha_pattern", _is_num)):
-        pat = cfg.get(field)
+    for name, ok in (("rank_pattern", lambda v: _is_int(v) and v >= 1), ("alpha_pattern", _is_num)):
+        pat = cfg.get(name)
         if pat is None:
             continue
         if not isinstance(pat, dict) or not all(isinstance(k, str) and ok(v) for k, v in pat.items()):
-            raise AdapterLoadError(f"{where}: {field} must map module names to numbers, got {pat!r}")
+            raise AdapterLoadError(f"{where}: {name} must map module names to numbers, got {pat!r}")
         for key in pat:
-            _check_regex(rf"(.*\.)?({key})$", f"{field} key", where)
+            _check_regex(rf"(.*\.)?({key})$", f"{name} key", where)
     layers = cfg.get("layers_to_transform")
     if layers is not None and not (_is_int(layers) or (isinstance(layers, list) and all(_is_int(x) for x in layers))):
         raise AdapterLoadError(f"{where}: layers_to_transform must be an integer or a list of them, got {layers!r}")
@@ -330,10 +343,20 @@ def _group_keys(sd: dict[str, torch.Tensor], wpath: Path) -> dict[str, dict[str,
             continue
         if "modules_to_save" in key:
             raise UnsupportedAdapter(f"{wpath}: key {key!r}: modules_to_save is not supported")
-        if "lora_embedding_" in key or ".embed_tokens." in key:
-            raise UnsupportedAdapter(f"{wpath}: key {key!r}: LoRA on embed_tokens is not supported")
-        if ".lm_head." in key:
-            raise UnsupportedAdapter(f"{wpath}: key {key!r}: LoRA on lm_head is not supported")
+        if (me := _EMB_RE.match(key)) is not None:
+            module = me.group("module")
+            module = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
+            if module.split(".")[-1] != "embed_tokens":
+                raise UnsupportedAdapter(f"{wpath}: key {key!r}: LoRA on embedding {module!r} is not supported")
+            if me.group("name"):
+                names.add(me.group("name"))
+            groups.setdefault(module, {})["lora_" + me.group("kind")] = (key, t)
+            continue
+        if (mb := _HEAD_BASE_RE.match(key)) is not None:  # PEFT's copy of an end's base weight
+            module = mb.group("module")
+            module = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
+            groups.setdefault(module, {})["base_layer"] = (key, t)
+            continue
         m = _KEY_RE.match(key)
         if m is None:
             raise UnsupportedAdapter(f"{wpath}: key {key!r} is not a lora_A / lora_B weight")
@@ -344,9 +367,10 @@ def _group_keys(sd: dict[str, torch.Tensor], wpath: Path) -> dict[str, dict[str,
         module = m.group("module")
         module = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
         site = module.split(".")[-1]
-        if site not in LORA_SITES:
+        if site not in LORA_SITES and site != "lm_head":
             raise UnsupportedAdapter(
-                f"{wpath}: key {key!r}: target module {site!r} is not supported (only {', '.join(LORA_SITES)})"
+                f"{wpath}: key {key!r}: target module {site!r} is not supported "
+                f"(only {', '.join(LORA_SITES + HEAD_SITES)})"
             )
         groups.setdefault(module, {})[m.group("kind")] = (key, t)
     if len(names) > 1:
@@ -385,11 +409,17 @@ def load_peft_adapter(
     rslora = bool(math_cfg.get("use_rslora", False))
 
     modules: dict[tuple[int, str], LoRAModule] = {}
+    heads: dict[str, LoRAModule] = {}
+    head_bases: dict[str, torch.Tensor] = {}
     for module, parts in groups.items():
         if not _targets(cfg, module):
             # PEFT would not create this module, so it ignores the tensors too ("unexpected keys").
             logger.warning("%s: %s is not targeted by the adapter config; its tensors are ignored", wpath, module)
             continue
+        if "base_layer" in parts:
+            head_bases[module.split(".")[-1]] = parts.pop("base_layer")[1].detach()
+            if not parts:
+                continue
         dora = bool(cfg.get("use_dora"))
         if ("magnitude" in parts) != dora:
             key = next(iter(parts.values()))[0]
@@ -402,6 +432,13 @@ def load_peft_adapter(
             raise AdapterLoadError(f"{wpath}: key {have!r} has no matching {missing} tensor")
         (ka, a), (kb, b) = parts["lora_A"], parts["lora_B"]
         site = module.split(".")[-1]
+        if site in HEAD_SITES:
+            if dora:
+                raise UnsupportedAdapter(f"{wpath}: key {ka!r}: DoRA on {site} is not supported")
+            r = pattern_lookup(rank_pattern, module, r_default)
+            alpha = pattern_lookup(alpha_pattern, module, alpha_default)
+            heads[site] = _head_module(site, ka, a, kb, b, r, alpha, rslora, shape, wpath)
+            continue
         layer = _layer_index(module, cfg.get("layers_pattern"))
         if layer is None:
             raise AdapterLoadError(f"{wpath}: key {ka!r}: cannot find a layer index in {module!r}")
@@ -435,8 +472,8 @@ def load_peft_adapter(
             a=a.detach().to(torch.float32).contiguous(), b=b.detach().to(torch.float32).contiguous(),
             scaling=float(scaling), magnitude=mag,
         )
-    if not modules:
-        raise AdapterLoadError(f"{wpath}: no LoRA tensors for any of {', '.join(LORA_SITES)}")
+    if not modules and not heads:
+        raise AdapterLoadError(f"{wpath}: no LoRA tensors for any of {', '.join(LORA_SITES + HEAD_SITES)}")
 
     base = cfg.get("base_model_name_or_path")
     if expected_base_model and base and base != expected_base_model:
@@ -445,7 +482,28 @@ def load_peft_adapter(
             adapter_id, base, expected_base_model,
         )
     return LoRAAdapter(adapter_id=adapter_id, path=str(folder), config=cfg, base_model_name_or_path=base,
-                       modules=modules)
+                       modules=modules, heads=heads, head_bases=head_bases)
+
+
+def _head_module(site: str, ka: str, a: torch.Tensor, kb: str, b: torch.Tensor, r: int, alpha: float, rslora: bool,
+                 shape: ModelShape, wpath: Path) -> LoRAModule:
+    """LoRA on embed_tokens (A [r, vocab], B [hidden, r]) or lm_head (A [r, hidden], B [vocab, r]),
+    checked against the model: an adapter that adds tokens (a larger vocabulary) is refused by name."""
+    vocab, hidden = shape.vocab_size, shape.hidden_size
+    want_a, want_b = ((r, vocab), (hidden, r)) if site == "embed_tokens" else ((r, hidden), (vocab, r))
+    got_vocab = a.shape[-1] if site == "embed_tokens" else b.shape[0]
+    if vocab and got_vocab != vocab and a.dim() == 2 and b.dim() == 2:
+        raise UnsupportedAdapter(
+            f"{wpath}: key {ka if site == 'embed_tokens' else kb!r}: the adapter's {site} has {got_vocab} "
+            f"token rows but the model has {vocab}: adapters that add tokens are not supported")
+    for key, t, want in ((ka, a, want_a), (kb, b, want_b)):
+        if vocab and tuple(t.shape) != want:
+            raise AdapterLoadError(f"{wpath}: key {key!r} has shape {tuple(t.shape)}, expected {want} (r={r})")
+        if not torch.isfinite(t).all():
+            raise AdapterLoadError(f"{wpath}: key {key!r} holds NaN or infinite values")
+    scaling = alpha / math.sqrt(r) if rslora else alpha / r
+    return LoRAModule(a=a.detach().to(torch.float32).contiguous(), b=b.detach().to(torch.float32).contiguous(),
+                      scaling=float(scaling))
 
 
 def infer_shape(paths: list[str | Path]) -> ModelShape:
@@ -484,6 +542,8 @@ def infer_shape(paths: list[str | Path]) -> ModelShape:
         check_foreign_keys(sd, wpath)
         for module, parts in _group_keys(sd, wpath).items():
             site = module.split(".")[-1]
+            if site in HEAD_SITES:
+                continue  # its vocabulary side is the model's, which a tool without the model does not check
             layer = _layer_index(module, cfg.get("layers_pattern"))
             if layer is not None:
                 num_layers = max(num_layers, layer + 1)

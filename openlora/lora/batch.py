@@ -56,6 +56,10 @@ class LoRABatch:
     seg_indptr_list: list[int]  # host copy of seg_indptr
     sites: dict[str, SiteRows]  # site name -> rows; a site no segment targets is absent
     num_tokens: int  # tokens in the whole flattened batch (LoRA and base-only)
+    # LoRA on the model's ends (openlora.lora.heads): "embed_tokens" / "lm_head" -> one entry per
+    # (segment, adapter) that has it: (token indices [n] int64, first, second, weight), the pair as
+    # PackedAdapter.heads stores it.
+    heads: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]] = field(default_factory=dict)
 
     @property
     def num_segments(self) -> int:
@@ -63,6 +67,7 @@ class LoRABatch:
 
     @property
     def empty(self) -> bool:
+        """No projection site to apply (the ends, `heads`, are applied outside the layers)."""
         return self.num_segments == 0 or not self.sites
 
     @property

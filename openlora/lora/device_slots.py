@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from openlora.config import LORA_SITES
-from openlora.errors import AdapterLoadError
+from openlora.errors import AdapterLoadError, UnsupportedAdapter
 from openlora.lora import dora
 from openlora.lora.adapter import LoRAAdapter
 from openlora.lora.batch import LoRABatch, SiteRows
@@ -50,6 +50,8 @@ class DeviceSlots:
         self._starving: dict[AdapterEntry, float] = {}  # host-ready, queued, no slot -> since when
         # resident DoRA adapter -> (its row-scale table entry, the sites it targets)
         self._dora: dict[AdapterEntry, tuple[int, frozenset[str]]] = {}
+        # resident adapter with LoRA on embed_tokens / lm_head -> those tensors on the device
+        self._heads: dict[AdapterEntry, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def __len__(self) -> int:
         return len(self._resident)
@@ -71,12 +73,19 @@ class DeviceSlots:
         if too_big:
             raise AdapterLoadError(
                 f"adapter {adapter.adapter_id!r} has rank above the pool's {self.pool.rows} rows at {too_big}")
+        for site, saved in adapter.head_bases.items():
+            served = None if self.pool.base is None else self.pool.base.end_weight(site)
+            if served is None or saved.shape != served.shape or not torch.equal(saved.to(served.dtype), served):
+                raise UnsupportedAdapter(
+                    f"adapter {adapter.adapter_id!r} carries its own {site} weights, not the served model's "
+                    f"(trained or resized, as modules_to_save): replacing a base module is not supported")
         if adapter.dora and self.pool.base is None:
             raise AdapterLoadError(f"adapter {adapter.adapter_id!r} is DoRA, which needs the served model's "
                                    f"weights: this engine has none to give")
         return self.pool.pack(adapter)
 
-    def _free_dora(self, e: AdapterEntry) -> None:
+    def _free_extras(self, e: AdapterEntry) -> None:
+        self._heads.pop(e, None)
         d = self._dora.pop(e, None)
         if d is not None:
             self.pool.unload_dora(d[0])
@@ -108,7 +117,7 @@ class DeviceSlots:
         if e.rows is not None:
             self.pool.unload(e.rows, self.scrub)
             e.rows = None
-        self._free_dora(e)
+        self._free_extras(e)
         self._resident.pop(e, None)
         self._starving.pop(e, None)
 
@@ -144,6 +153,9 @@ class DeviceSlots:
         if e.packed.dora:
             self._dora[e] = (self.pool.load_dora(self._dora_scales(e.packed)), frozenset(e.packed.magnitude))
         e.rows = self.pool.load(e.packed)
+        if e.packed.heads:
+            dev = self.pool.device
+            self._heads[e] = {s: (p.to(dev), q.to(dev)) for s, (p, q) in e.packed.heads.items()}
         e.copy_seconds = time.perf_counter() - t0
         self.stats["copies"] += 1
         if e.fresh:  # first residency since this host copy was loaded: a cold start
@@ -172,7 +184,7 @@ class DeviceSlots:
             victim = min(late, key=lambda x: x.resident_since)
         self.pool.unload(victim.rows, self.scrub)
         victim.rows = None
-        self._free_dora(victim)
+        self._free_extras(victim)
         del self._resident[victim]
         victim.state = AdapterState.HOST if victim.packed is not None else victim.rest_state()
         if victim.waiting:
@@ -213,10 +225,17 @@ class DeviceSlots:
             )
             if self._dora:
                 self._dora_rows(sites[site], site, mixes)
+        heads: dict[str, list] = {}
+        if self._heads:
+            for g, key in enumerate(mixes):
+                for e, w in key:
+                    for site, (p, q) in self._heads.get(e, {}).items():
+                        t = torch.tensor(tok[seg[g]:seg[g + 1]], dtype=torch.long, device=dev)
+                        heads.setdefault(site, []).append((t, p, q, w))
         return LoRABatch(
             token_idx=torch.tensor(tok, dtype=torch.long, device=dev),
             seg_indptr=torch.tensor(seg, dtype=torch.long, device=dev),
-            seg_indptr_list=seg, sites=sites, num_tokens=num_tokens,
+            seg_indptr_list=seg, sites=sites, num_tokens=num_tokens, heads=heads,
         )
 
     def _dora_rows(self, rows: SiteRows, site: str, mixes) -> None:

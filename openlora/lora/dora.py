@@ -34,6 +34,9 @@ class BaseProjections(Protocol):
     def bias(self, layer: int, site: str) -> torch.Tensor | None:
         """The projection's bias, fp32 [out], or None."""
 
+    def end_weight(self, site: str) -> torch.Tensor | None:
+        """The served embedding or output head matrix [vocab, hidden] ("embed_tokens" / "lm_head")."""
+
 
 @torch.no_grad()
 def row_scale(base: BaseProjections, layer: int, site: str, a: torch.Tensor, bt: torch.Tensor,

@@ -223,6 +223,10 @@ def merge_adapters(
     masks (None: the global torch RNG, as PEFT). Raises InvalidRequest naming the bad field.
     """
     validate_params(len(adapters), weights, strategy, density, majority_sign_method, svd_rank, svd_clamp)
+    heads = [a.adapter_id for a in adapters if a.heads]
+    if heads:
+        raise InvalidRequest(f"cannot merge adapters with LoRA on embed_tokens or lm_head ({', '.join(heads)}); "
+                             f"compose them instead (adapters=[...], exact)")
     dora = [a.adapter_id for a in adapters if a.dora]
     if dora:  # g = m / ||W + s B A|| is not linear in B A: no factor merge of DoRA adapters is exact
         raise InvalidRequest(f"cannot merge DoRA adapters ({', '.join(dora)}): a DoRA adapter's row scale "

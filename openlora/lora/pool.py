@@ -32,6 +32,9 @@ class PackedAdapter:
     # DoRA: per site (g, shift or None) [L, out] fp32, computed once against the served base model (the
     # engine thread, at the first residency: openlora.lora.device_slots) and kept with the host copy.
     scales: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    # LoRA on the model's ends (openlora.lora.heads), outside the pool's rows: "embed_tokens" ->
+    # (A^T [vocab, r], s B^T [r, hidden]); "lm_head" -> (A [r, hidden], s B^T [r, vocab]).
+    heads: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def dora(self) -> bool:
@@ -43,7 +46,8 @@ class PackedAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.sites.values())
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for a, b in (*self.sites.values(), *self.heads.values()))
 
 
 @torch.no_grad()
@@ -76,7 +80,11 @@ def pack(adapter, shape: ModelShape, dtype: torch.dtype, pin: bool = False) -> P
         if pin:
             a, bt = a.pin_memory(), bt.pin_memory()
         sites[site] = (a, bt)
-    return PackedAdapter(sites, magnitude)
+    heads = {}
+    for site, m in adapter.heads.items():
+        first = m.a.t() if site == "embed_tokens" else m.a  # embed: rows gathered by token id
+        heads[site] = (first.float().contiguous().to(dtype), (m.b.float() * m.scaling).t().contiguous().to(dtype))
+    return PackedAdapter(sites, magnitude, heads=heads)
 
 
 class LoRAPool:

@@ -37,6 +37,10 @@ class ServedProjections:
         lin, cols = self._lin(layer, site)
         return lin.row_sq[cols]
 
+    def end_weight(self, site: str) -> torch.Tensor | None:
+        """The served embedding ("embed_tokens") or output head ("lm_head") matrix, [vocab, hidden]."""
+        return {"embed_tokens": self.model.embed, "lm_head": self.model.lm_head}.get(site)
+
     def bias(self, layer: int, site: str) -> torch.Tensor | None:
         lin, cols = self._lin(layer, site)
         return None if lin.bias is None else lin.bias.float()[cols]

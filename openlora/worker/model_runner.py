@@ -10,6 +10,7 @@ import torch
 from openlora.config import EngineConfig
 from openlora.core.scheduler import ScheduledRequest, SchedulerOutput
 from openlora.kernels.select import KernelPlan, select_kernels
+from openlora.lora.heads import add_head_lora
 from openlora.model.attention import causal_mask
 from openlora.model.llama import LlamaModel, load_model
 from openlora.model.projections import ServedProjections
@@ -108,7 +109,8 @@ class ModelRunner:
         seqs = sorted(out.scheduled, key=lambda s: not self._row_wise(s.num_new_tokens))
         ctx, input_ids, q_starts = self._prepare(seqs)
         hidden = self.model(input_ids, ctx, self.kv_caches)
-        return self._sample(seqs, hidden, q_starts)
+        head = ctx.lora.batch.heads.get("lm_head") if ctx.lora is not None else None
+        return self._sample(seqs, hidden, q_starts, head)
 
     def _row_wise(self, n: int) -> bool:
         """Whether a sequence's n query tokens go to the row-wise paged attention call."""
@@ -174,7 +176,10 @@ class ModelRunner:
                              cpp_loop=cpp_loop)
         return ctx, torch.tensor(ids, dtype=torch.long, device=dev), q_starts
 
-    def _sample(self, seqs: list[ScheduledRequest], hidden: torch.Tensor, q_starts: list[int]) -> RunnerOutput:
+    def _sample(self, seqs: list[ScheduledRequest], hidden: torch.Tensor, q_starts: list[int],
+                head: list | None = None) -> RunnerOutput:
+        """Sample the rows that end their known tokens; `head`: this step's LoRA on lm_head
+        (openlora.lora.heads), added to those rows' logits and to prompt-logprob rows."""
         res = RunnerOutput()
         rows: list[int] = []
         sample_seqs: list[ScheduledRequest] = []
@@ -191,6 +196,8 @@ class ModelRunner:
                 sample_seqs.append(s)
         if sample_seqs:
             logits = self.model.logits(hidden[rows], fp32=False)  # [B, vocab] in the model dtype
+            if head:
+                add_head_lora(logits, hidden, rows, head)
             if self.capture_logits is not None:
                 self.capture_logits.extend((s.request.request_id, row.to(torch.float32, copy=True))
                                            for s, row in zip(sample_seqs, logits))
@@ -204,6 +211,8 @@ class ModelRunner:
         for s, q0, cnt in prompt_lp:
             req = s.request
             lg = self.model.logits(hidden[q0:q0 + cnt])
+            if head:
+                add_head_lora(lg, hidden, list(range(q0, q0 + cnt)), head)
             targets = req.prompt_token_ids[s.start + 1:s.start + 1 + cnt]
             res.prompt_logprobs[req.request_id] = compute_prompt_logprobs(lg, targets,
                                                                           req.sampling_params.prompt_logprobs)

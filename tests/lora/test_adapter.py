@@ -184,8 +184,6 @@ def good(save_peft, tmp_path: Path, llama_base) -> Path:
 @pytest.mark.parametrize("change, feature", [
     (dict(bias="lora_only"), "bias"),
     (dict(modules_to_save=["score"]), "modules_to_save"),
-    (dict(target_modules=["q_proj", "embed_tokens"]), "embed_tokens"),
-    (dict(target_modules=["lm_head"]), "lm_head"),
     (dict(target_modules=["q_proj", "fc1"]), "fc1"),
     (dict(peft_type="IA3"), "IA3"),
 ])
@@ -208,14 +206,18 @@ def test_rejects_unsupported_keys(good: Path, shape: ModelShape, suffix: str, fe
         load_peft_adapter(good, "x", shape)
 
 
-def test_rejects_embedding_and_head_tensors(save_peft, tmp_path: Path, llama_base,
-                                            shape: ModelShape) -> None:
+def test_embedding_and_head_tensors_load_as_heads(save_peft, tmp_path: Path, llama_base,
+                                                  shape: ModelShape) -> None:
+    """LoRA on embed_tokens and lm_head loads into `heads` (the model's ends), beside the layer modules;
+    the shapes follow PEFT (embedding: A [r, vocab], B [hidden, r]; head: A [r, hidden], B [vocab, r])."""
     save_peft(llama_base, tmp_path / "e", seed=8, r=4, lora_alpha=8, target_modules=r".*(q_proj|embed_tokens)")
-    with pytest.raises(UnsupportedAdapter, match="embed_tokens"):
-        load_peft_adapter(tmp_path / "e", "x", shape)
+    ad = load_peft_adapter(tmp_path / "e", "x", shape)
+    assert set(ad.heads) == {"embed_tokens"} and ad.modules
+    assert ad.heads["embed_tokens"].a.shape == (4, shape.vocab_size)
     save_peft(llama_base, tmp_path / "h", seed=8, r=4, lora_alpha=8, target_modules=r".*(v_proj|lm_head)")
-    with pytest.raises(UnsupportedAdapter, match="lm_head"):
-        load_peft_adapter(tmp_path / "h", "x", shape)
+    ad = load_peft_adapter(tmp_path / "h", "x", shape)
+    assert set(ad.heads) == {"lm_head"} and ad.heads["lm_head"].b.shape == (shape.vocab_size, 4)
+    assert ad.content_hash != load_peft_adapter(tmp_path / "e", "x", shape).content_hash
 
 
 

@@ -6,11 +6,11 @@ and a batch's base rows are bit-identical with and without DoRA neighbours."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
+from peft_refs import make_adapters, peft_logits
 from tiny_models import load_hf
 
 from openlora import LLM
@@ -26,39 +26,10 @@ ADAPTERS = [  # (name, LoraConfig kwargs)
 ]
 
 
-def _make(model_path: Path, root: Path) -> dict[str, Path]:
-    from peft import LoraConfig, get_peft_model
-
-    base = load_hf(model_path)
-    out = {}
-    for i, (name, kw) in enumerate(ADAPTERS):
-        torch.manual_seed(300 + i)
-        pm = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, lora_dropout=0.0, **kw))
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.mul_(3.0)  # B is small by default: make every adapter move the logits clearly
-                if "lora_magnitude_vector" in n:  # at init m = ||W + sBA||, so g = 1: move it off 1
-                    p.mul_(torch.empty_like(p).uniform_(0.6, 1.4))
-        pm.save_pretrained(str(root / name))
-        out[name] = root / name
-    return out
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2"])  # qwen2: q/k/v have a bias (DoRA's shift)
 def setup(request, tiny_model_factory, tmp_path_factory):
     path = tiny_model_factory(request.param)
-    return path, _make(path, tmp_path_factory.mktemp(f"dora_{request.param}"))
-
-
-def _peft_logits(model_path: Path, adapter: Path | None, ids: list[int]) -> torch.Tensor:
-    from peft import PeftModel
-
-    m = load_hf(model_path)
-    if adapter is not None:
-        m = PeftModel.from_pretrained(m, str(adapter)).eval()
-    with torch.no_grad():
-        return m(torch.tensor([ids])).logits[0]
+    return path, make_adapters(path, tmp_path_factory.mktemp(f"dora_{request.param}"), ADAPTERS, 300)
 
 
 def _llm(path: Path, adapters: dict[str, Path], **kw) -> LLM:
@@ -79,7 +50,7 @@ def test_mixed_dora_lora_and_base_rows_match_peft(setup, run_engine, lora_backen
     outs, rows = run_engine(llm, prompts, specs)
     for i, (spec, prompt, out) in enumerate(zip(specs, prompts, outs)):
         toks = out.outputs[0].token_ids
-        ref = _peft_logits(path, adapters[spec] if spec else None, prompt + toks)
+        ref = peft_logits(path, adapters[spec] if spec else None, prompt + toks)
         want = ref[len(prompt) - 1: len(prompt) - 1 + len(toks)]
         got = torch.stack(rows[i])
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=lambda m: f"{spec}: {m}")

@@ -3,12 +3,11 @@ each adapter alone, fp32, at prefill and through decode steps. Tolerance 1e-4 (a
 
 from __future__ import annotations
 
-import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from peft_refs import make_adapters, peft_logits
 from tiny_models import load_hf
 
 from openlora import LLM, SamplingParams
@@ -30,38 +29,11 @@ ADAPTERS = [
 ]
 
 
-def make_adapters(model_path: Path, root: Path) -> dict[str, Path]:
-    from peft import LoraConfig, get_peft_model
-
-    base = load_hf(model_path)
-    out = {}
-    for i, (name, kw) in enumerate(ADAPTERS):
-        torch.manual_seed(100 + i)
-        pm = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, lora_dropout=0.0, **kw))
-        with torch.no_grad():  # B is small by default: scale up so each adapter clearly moves logits
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.mul_(3.0)
-        pm.save_pretrained(str(root / name))
-        out[name] = root / name
-    return out
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def setup(request, tiny_model_factory, tmp_path_factory):
     path = tiny_model_factory(request.param)
-    adapters = make_adapters(path, tmp_path_factory.mktemp(f"adapters_{request.param}"))
+    adapters = make_adapters(path, tmp_path_factory.mktemp(f"adapters_{request.param}"), ADAPTERS, 100)
     return path, adapters
-
-
-def peft_logits(model_path: Path, adapter: Path | None, ids: list[int]) -> torch.Tensor:
-    from peft import PeftModel
-
-    m = load_hf(model_path)
-    if adapter is not None:
-        m = PeftModel.from_pretrained(m, str(adapter)).eval()
-    with torch.no_grad():
-        return m(torch.tensor([ids])).logits[0]
 
 
 def test_mixed_batch_matches_peft_per_adapter(setup, run_engine):
