@@ -42,3 +42,22 @@ def test_the_module_name_depends_on_flags_and_environment(monkeypatch):
     finally:
         monkeypatch.undo()
         build.cpu_tag.cache_clear()
+
+
+def test_the_cpu_tag_follows_instruction_sets_not_the_whole_flags_line(monkeypatch):
+    """A VM that moves host keeps its instruction sets but not always the rest of its flags line; only
+    the instruction sets change what -march=native compiles, so only they may rename the modules."""
+    line = "flags\t\t: fpu vme avx2 fma bmi2 hypervisor constant_tsc"
+
+    def tag(flags: str) -> str:
+        monkeypatch.setattr(build, "cpu_flags_line", lambda: flags)
+        build.cpu_tag.cache_clear()
+        return build.cpu_tag()
+
+    try:
+        a = tag(line)
+        assert tag(line.replace(" hypervisor constant_tsc", " nonstop_tsc")) == a
+        assert tag(line + " avx512f") != a
+    finally:
+        monkeypatch.undo()
+        build.cpu_tag.cache_clear()
