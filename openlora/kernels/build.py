@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
+import importlib.util
 import logging
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import torch
 
@@ -80,34 +85,80 @@ def build_extension(stem: str, source: str, label: str, extra_cflags: tuple[str,
     """Compile `csrc/<source>` (once per distinct content and flags; cached under
     cache_dir()/torch_extensions) and load it. Raises whatever the compiler or loader raised.
     `includes`: other csrc files the source #includes (their contents are part of the name)."""
-    from torch.utils import cpp_extension
-
     cflags = ("-O3", "-march=native", "-fopenmp", *extra_cflags)
     name = module_name(stem, source, cflags, includes)
     build_dir = cache_dir() / "torch_extensions" / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    _clear_stale_lock(build_dir)
-    logger.info("loading C++ %s extension %s (compiled on first use in %s)", label, name, build_dir)
+    with _owner_lock(build_dir, label):
+        built = build_dir / BUILT_MARK
+        if built.exists():
+            try:
+                module = _import(name, build_dir)
+                logger.info("loaded C++ %s extension %s (cached in %s)", label, name, build_dir)
+                return module
+            except ImportError as e:  # a library cut short (disk full, a killed link): build again
+                logger.warning("cached %s did not load (%s); rebuilding", name, e)
+                built.unlink()
+        logger.info("compiling C++ %s extension %s in %s (once per source and CPU)", label, name, build_dir)
+        t0 = time.monotonic()
+        module = _compile(name, source, cflags, build_dir)
+        built.write_text(name)
+        logger.info("compiled %s in %.1f s", name, time.monotonic() - t0)
+        return module
+
+
+BUILT_MARK = "built"  # written after a build loaded: the library next to it is complete
+OWNER_LOCK = "owner.lock"  # flock()ed by whoever builds or loads this module
+
+
+@contextlib.contextmanager
+def _owner_lock(build_dir: Path, label: str) -> Iterator[None]:
+    """Hold an flock on build_dir/owner.lock while building or loading.
+
+    NOTE: torch's own build lock is a plain file that a killed process leaves behind, and every later
+    load then waits on it forever (a server stopped mid-start left one, and each server started after
+    it timed out). The kernel drops an flock when its holder dies, so once we hold ours, any torch
+    `lock` file in the folder was left by a dead process and goes."""
+    fd = os.open(build_dir / OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            logger.info("waiting for process %s, which is building the C++ %s extension", holder, label)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        stale = build_dir / "lock"
+        if stale.exists():
+            logger.warning("removing %s, left by a build whose process died", stale)
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+def _import(name: str, build_dir: Path) -> ModuleType:
+    """Import the built library without running ninja again (its name already pins its sources)."""
+    path = build_dir / f"{name}.so"
+    if not path.exists():
+        raise ImportError(f"{path} is missing")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no loader for {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compile(name: str, source: str, cflags: tuple[str, ...], build_dir: Path) -> ModuleType:
+    """Run torch's JIT build (ninja) for one module and load it."""
+    from torch.utils import cpp_extension
+
     return cpp_extension.load(
         name=name, sources=[str(CSRC / source)], extra_cflags=list(cflags), extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir), verbose=False,
     )
-
-
-STALE_LOCK_S = 20 * 60  # the longest build (the decoder's unity build) takes ~4 min on 2 busy cores
-
-
-def _clear_stale_lock(build_dir: Path) -> None:
-    """torch waits forever on the `lock` file of a build whose process was killed mid-way; one older
-    than any build takes is such a leftover, and goes."""
-    lock = build_dir / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_S:
-        logger.warning("removing %s, left %.0f s ago by a build that never finished", lock, age)
-        lock.unlink(missing_ok=True)
 
 
 def try_build(load, label: str, fallback: str) -> bool:
@@ -141,7 +192,6 @@ def build_all(jobs: int | None = None) -> dict[str, bool]:
     (default: one per core; each g++ run is single-threaded, and most of each build is the torch
     headers). `make setup` runs this, so no request waits for a compiler. Returns label -> built; a
     failure is logged and leaves that kernel's fallback."""
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
     labels = [k for k, (_, usable) in _loaders().items() if usable]

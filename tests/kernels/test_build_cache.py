@@ -2,22 +2,76 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import subprocess
+import sys
+import threading
 import time
 
 from openlora.kernels import build
 
 
-def test_a_stale_lock_is_removed_and_a_live_one_kept(tmp_path):
-    lock = tmp_path / "lock"
-    lock.touch()
-    build._clear_stale_lock(tmp_path)
-    assert lock.exists(), "a build in progress holds this lock"
-    old = time.time() - build.STALE_LOCK_S - 60
-    os.utime(lock, (old, old))
-    build._clear_stale_lock(tmp_path)
-    assert not lock.exists()
-    build._clear_stale_lock(tmp_path)  # no lock: nothing to do
+def _hold_lock_in_child(build_dir) -> subprocess.Popen:
+    """A child process that takes the owner lock, says so, and sleeps holding it."""
+    code = ("import sys, time; from pathlib import Path; from openlora.kernels import build\n"
+            "with build._owner_lock(Path(sys.argv[1]), 'test'):\n"
+            "    print('held', flush=True); time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(build_dir)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def _try_lock(build_dir) -> bool:
+    fd = os.open(build_dir / build.OWNER_LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_a_killed_builder_leaves_no_lock_that_blocks_the_next(tmp_path):
+    """torch's `lock` file outlives a killed process; ours is an flock, which the kernel drops."""
+    child = _hold_lock_in_child(tmp_path)
+    (tmp_path / "lock").touch()  # what torch's build leaves when its process is killed mid-build
+    assert not _try_lock(tmp_path), "a live builder holds the lock"
+    child.kill()
+    child.wait()
+    assert _try_lock(tmp_path)
+    with build._owner_lock(tmp_path, "test"):
+        assert not (tmp_path / "lock").exists(), "torch's lock of a dead build is removed"
+        assert (tmp_path / build.OWNER_LOCK).read_text() == str(os.getpid())
+
+
+def test_a_live_builder_is_waited_for(tmp_path):
+    child = _hold_lock_in_child(tmp_path)
+    t0 = time.monotonic()
+    threading.Timer(0.5, child.kill).start()
+    with build._owner_lock(tmp_path, "test"):
+        waited = time.monotonic() - t0
+    child.wait()
+    assert waited >= 0.4
+
+
+def test_a_cached_module_loads_without_the_compiler(monkeypatch):
+    """Once built (the `built` mark is written), later loads import the library directly: no ninja,
+    no torch lock (a server start must not depend on a build tool's state)."""
+    from openlora.kernels import fused_ops
+
+    fused_ops.load_extension()  # built here if it was not
+    build.build_extension.cache_clear()
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(build, "_compile", no_compile)
+    try:
+        assert hasattr(fused_ops.load_extension(), "has_avx512")
+    finally:
+        build.build_extension.cache_clear()
 
 
 def test_the_module_name_depends_on_the_checkout(monkeypatch, tmp_path):
