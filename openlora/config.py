@@ -36,6 +36,7 @@ class ModelShape:
     kv_size: int  # num_kv_heads * head_dim
     intermediate_size: int
     vocab_size: int
+    tie_word_embeddings: bool = False  # the output head is the embedding matrix
 
     def site_dims(self, site: str) -> tuple[int, int]:
         """(in_features, out_features) of one projection."""
@@ -73,7 +74,7 @@ class ModelConfig:
     def shape(self) -> ModelShape:
         return ModelShape(
             self.num_layers, self.hidden_size, self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim, self.intermediate_size, self.vocab_size,
+            self.num_kv_heads * self.head_dim, self.intermediate_size, self.vocab_size, self.tie_word_embeddings,
         )
 
     @classmethod

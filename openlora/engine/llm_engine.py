@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -55,6 +56,8 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        if lora_manager is not None:
+            lora_manager.use_tokenizer(self.tokenizer)
         self.outputs = OutputProcessor(self)
         self.stats = self.outputs.stats  # steps, tokens, generation tokens
         self.last_step_idle = False  # see step()
@@ -69,12 +72,25 @@ class LLMEngine:
         (openlora.attribution.commitment)."""
         if request_id in self.groups:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
+        if (adapters or merge) and self.lora is None:
+            raise InvalidRequest("this engine was started without adapter support")
+        sources = None
+        if merge is not None:
+            if adapters:
+                raise InvalidRequest("give either adapters or merge, not both")
+            spec = MergeSpec.parse(merge)
+            adapters = self.merges.prepare(spec)
+            sources = list(zip(spec.adapters, spec.weights))
+            merge = {**spec.params(), "merged_adapter": None if spec.strategy == "cat" else adapters[0][0]}
+        uses = self.lora.resolve(adapters) if self.lora is not None else ()
+        tokenizer, eos = self.tokenizer_for([u.adapter_id for u in uses])
         if isinstance(prompt, str):
             text: str | None = prompt
-            ids = self.tokenizer.encode(prompt)
+            ids = tokenizer.encode(prompt)
         else:
             text, ids = None, list(prompt)
-            vocab = self.config.model.vocab_size
+            # An adapter's added tokens (openlora.lora.heads) are checked once it is loaded (lora.failure).
+            vocab = self.config.model.vocab_size if len(uses) != 1 else 1 << 31
             if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
                 raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})")
         if not ids:
@@ -89,27 +105,16 @@ class LLMEngine:
             raise RequestTooLong(
                 f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
                 f"length of {max_len} tokens")
-        if (adapters or merge) and self.lora is None:
-            raise InvalidRequest("this engine was started without adapter support")
-        sources = None
-        if merge is not None:
-            if adapters:
-                raise InvalidRequest("give either adapters or merge, not both")
-            spec = MergeSpec.parse(merge)
-            adapters = self.merges.prepare(spec)
-            sources = list(zip(spec.adapters, spec.weights))
-            merge = {**spec.params(), "merged_adapter": None if spec.strategy == "cat" else adapters[0][0]}
-        uses = self.lora.resolve(adapters) if self.lora is not None else ()
         children, detoks = [], []
         for i in range(params.n):
             cid = request_id if params.n == 1 else f"{request_id}#{i}"
             children.append(Request(
-                request_id=cid, prompt_token_ids=ids, sampling_params=params, eos_token_ids=self.eos_token_ids,
+                request_id=cid, prompt_token_ids=ids, sampling_params=params, eos_token_ids=eos,
                 max_tokens=max_tokens, adapters=uses, tenant=tenant, cache_scope=cache_scope,
                 seed=None if params.seed is None else params.seed + i,
             ))
             detoks.append(IncrementalDetokenizer(
-                self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
+                tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output))
         g = RequestGroup(request_id, text, ids, params, children, detoks, [[] for _ in children],
                    tenant=tenant, merge=merge, sources=sources, seal=seal)
@@ -117,6 +122,14 @@ class LLMEngine:
         for i, c in enumerate(children):
             self.child_to_group[c.request_id] = (g, i)
             self.scheduler.add_request(c)
+
+    def tokenizer_for(self, adapter_ids: Sequence[str]) -> tuple[Any, frozenset[int]]:
+        """The tokenizer and end-of-sequence ids of a request's adapters: the model's, unless the adapter
+        adds tokens and brings its own tokenizer (openlora.lora.tokenizers). Safe from any thread."""
+        tok = self.lora.tokenizer_for(adapter_ids) if self.lora is not None and adapter_ids else None
+        if tok is None:
+            return self.tokenizer, self.eos_token_ids
+        return tok, self.eos_token_ids | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         """Abort user requests (all their samples); their blocks are freed at once."""

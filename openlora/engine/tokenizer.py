@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from openlora.errors import InvalidRequest, ModelLoadError
 
 # Any one of these in the folder means there is a tokenizer to load.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
@@ -23,9 +23,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     folder = Path(path)
     if not folder.is_dir():
         raise ModelLoadError(f"tokenizer folder {str(folder)!r} does not exist")
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(
-            f"no tokenizer in {str(folder)!r}: expected one of {', '.join(_TOKENIZER_FILES)}"
+            f"no tokenizer in {str(folder)!r}: expected one of {', '.join(TOKENIZER_FILES)}"
         )
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)

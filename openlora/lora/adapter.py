@@ -39,6 +39,7 @@ from openlora.config import LORA_SITES, ModelShape
 from openlora.errors import AdapterLoadError, UnsupportedAdapter
 from openlora.lora.adapter_types import check_adapter_type, check_foreign_keys, vera_to_lora
 from openlora.lora.file_checks import check_safetensors, check_size
+from openlora.lora.heads import HEAD_SITES
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ BIN_NAME = "adapter_model.bin"
 MAX_CONFIG_BYTES = 16 << 20
 DEFAULT_MAX_ADAPTER_BYTES = 4 << 30  # LoRAConfig.max_adapter_bytes (--max-adapter-bytes)
 
-# The model's ends: LoRA on the token embedding and on the output head (openlora.lora.heads).
-HEAD_SITES = ("embed_tokens", "lm_head")
 
 # Which submodule of a decoder layer owns each projection (Llama / Mistral / Qwen2 naming).
 SITE_PARENT = {
@@ -63,7 +62,10 @@ _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<name>[^.
 _EMB_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<kind>A|B)(?:\.(?P<name>[^.]+))?(?:\.weight)?$")
 # PEFT also saves the base weight of a targeted embedding or head (`save_embedding_layers`): kept only
 # to check that it is the served model's own (openlora.lora.device_slots), never used.
-_HEAD_BASE_RE = re.compile(r"^(?P<module>.*(?:embed_tokens|lm_head))\.base_layer\.weight$")
+_HEAD_BASE_RE = re.compile(r"^(?P<module>.*(?:embed_tokens|lm_head))\.(?:base_layer|original_module)\.weight$")
+# modules_to_save of an end: PEFT saves the trained copy as `module.weight` (and, when the vocabulary was
+# resized, again as `module.modules_to_save.weight`).
+_SAVED_RE = re.compile(r"^(?P<module>.*(?:embed_tokens|lm_head))\.(?:modules_to_save\.)?weight$")
 # DoRA's magnitude: PEFT saves `module.lora_magnitude_vector` (raw state dicts: `.<adapter>.weight`).
 _MAG_RE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<name>[^.]+))?(?:\.weight)?$")
 _PREFIX = "base_model.model."
@@ -101,12 +103,25 @@ class LoRAAdapter:
     # LoRA on the model's ends (HEAD_SITES): "embed_tokens" with a = A [r, vocab], b = B [hidden, r];
     # "lm_head" with a = A [r, hidden], b = B [vocab, r] (openlora.lora.heads applies them).
     heads: dict[str, LoRAModule] = field(default_factory=dict)
-    # PEFT's saved copies of the ends' base weights ([vocab, hidden]); must equal the served ones.
+    # PEFT's saved copies of the ends' base weights ([vocab', hidden]); their first `vocab` rows must equal
+    # the served ones, and rows past them are the base rows of added tokens (openlora.lora.heads).
     head_bases: dict[str, torch.Tensor] = field(default_factory=dict)
+    # modules_to_save: the adapter's whole embedding / head matrix, fp32 [vocab', hidden].
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.content_hash:
-            self.content_hash = compute_content_hash({**self.modules, **{(-1, k): m for k, m in self.heads.items()}})
+            self.content_hash = compute_content_hash({**self.modules, **{(-1, k): m for k, m in self.heads.items()}},
+                                                     {**{f"saved:{k}": t for k, t in self.replaced.items()},
+                                                      **{f"base:{k}": t for k, t in self.head_bases.items()}})
+
+    @property
+    def vocab_size(self) -> int:
+        """Token rows the adapter's ends cover (0 when it touches neither end); above the model's when it
+        adds tokens."""
+        rows = [t.shape[0] for t in (*self.replaced.values(), *self.head_bases.values())]
+        rows += [m.a.shape[1] if s == "embed_tokens" else m.b.shape[0] for s, m in self.heads.items()]
+        return max(rows, default=0)
 
     def site_rank(self, site: str) -> int:
         """Largest rank of `site` over layers (0 if the adapter does not target it)."""
@@ -130,7 +145,8 @@ class LoRAAdapter:
     @property
     def nbytes(self) -> int:
         return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()
-                   for m in (*self.modules.values(), *self.heads.values()))
+                   for m in (*self.modules.values(), *self.heads.values())) + sum(
+            t.numel() * t.element_size() for t in self.replaced.values())
 
     @property
     def num_layers(self) -> int:
@@ -138,12 +154,14 @@ class LoRAAdapter:
         return max((layer for layer, _ in self.modules), default=-1) + 1
 
 
-def compute_content_hash(modules: dict[tuple[int, str], LoRAModule]) -> str:
+def compute_content_hash(modules: dict[tuple[int, str], LoRAModule],
+                         tensors: dict[str, torch.Tensor] | None = None) -> str:
     """sha256 over what determines the math: per module (layer, site, scaling, A, B), in sorted order.
 
     The adapter's name, path and cosmetic config fields are excluded, so renaming does not change the
     hash; r / lora_alpha / rslora / patterns enter through the per-module scaling and tensor shapes. A
-    DoRA module adds its magnitude (plain LoRA hashes as it always did).
+    DoRA module adds its magnitude (plain LoRA hashes as it always did). `tensors`: whole matrices the
+    adapter carries (modules_to_save, saved base rows), by name.
     """
     h = hashlib.sha256(b"openlora-lora-v1")
     for (layer, site) in sorted(modules):
@@ -153,6 +171,10 @@ def compute_content_hash(modules: dict[tuple[int, str], LoRAModule]) -> str:
             t = t.detach().to(torch.float32).contiguous()
             h.update(struct.pack(f"<{t.dim()}q", *t.shape))  # 2-D A, B; 1-D magnitude
             h.update(t.numpy().tobytes())
+    for name in sorted(tensors or {}):
+        t = tensors[name].detach().to(torch.float32).contiguous()
+        h.update(f"|{name}|".encode() + struct.pack(f"<{t.dim()}q", *t.shape))
+        h.update(t.numpy().tobytes())
     return h.hexdigest()
 
 
@@ -206,8 +228,13 @@ def _check_config_features(cfg: dict[str, Any], cfg_path: Path) -> None:
         raise UnsupportedAdapter(f"{where}: bias={cfg.get('bias')!r} is not supported (only 'none')")
     if cfg.get("lora_bias"):
         raise UnsupportedAdapter(f"{where}: lora_bias is not supported")
-    if cfg.get("modules_to_save"):
-        raise UnsupportedAdapter(f"{where}: modules_to_save {cfg['modules_to_save']!r} is not supported")
+    mts = cfg.get("modules_to_save") or []
+    if isinstance(mts, str) or not isinstance(mts, (list, tuple)):
+        raise AdapterLoadError(f"{where}: modules_to_save must be a list, got {mts!r}")
+    others = [m for m in mts if str(m).split(".")[-1] not in HEAD_SITES]
+    if others:
+        raise UnsupportedAdapter(f"{where}: modules_to_save {others!r} is not supported (only embed_tokens and "
+                                 f"lm_head: a classifier head or a norm is not a language-model adapter)")
     for feat in ("target_parameters", "trainable_token_indices", "layer_replication", "megatron_config"):
         if cfg.get(feat):
             raise UnsupportedAdapter(f"{where}: {feat} is not supported")
@@ -341,8 +368,14 @@ def _group_keys(sd: dict[str, torch.Tensor], wpath: Path) -> dict[str, dict[str,
                 names.add(mm.group("name"))
             groups.setdefault(module, {})["magnitude"] = (key, t)
             continue
+        if (ms := _SAVED_RE.match(key)) is not None:  # modules_to_save of an end: checked by the caller
+            module = ms.group("module")
+            module = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
+            groups.setdefault(module, {})["saved"] = (key, t)
+            continue
         if "modules_to_save" in key:
-            raise UnsupportedAdapter(f"{wpath}: key {key!r}: modules_to_save is not supported")
+            raise UnsupportedAdapter(f"{wpath}: key {key!r}: modules_to_save is only supported for embed_tokens "
+                                     f"and lm_head")
         if (me := _EMB_RE.match(key)) is not None:
             module = me.group("module")
             module = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
@@ -411,13 +444,25 @@ def load_peft_adapter(
     modules: dict[tuple[int, str], LoRAModule] = {}
     heads: dict[str, LoRAModule] = {}
     head_bases: dict[str, torch.Tensor] = {}
+    replaced: dict[str, torch.Tensor] = {}
+    saved_sites = {str(m).split(".")[-1] for m in cfg.get("modules_to_save") or []}
     for module, parts in groups.items():
+        site = module.split(".")[-1]
+        if "saved" in parts:
+            key, t = parts.pop("saved")
+            if site not in saved_sites:
+                raise AdapterLoadError(f"{wpath}: key {key!r}: {site} is not in the config's modules_to_save")
+            replaced[site] = _end_matrix(key, t, shape, wpath)
+        if "base_layer" in parts and site in saved_sites:  # original_module: the resized base
+            head_bases[site] = _end_matrix(*parts.pop("base_layer"), shape, wpath)
+        if not parts:
+            continue
         if not _targets(cfg, module):
             # PEFT would not create this module, so it ignores the tensors too ("unexpected keys").
             logger.warning("%s: %s is not targeted by the adapter config; its tensors are ignored", wpath, module)
             continue
         if "base_layer" in parts:
-            head_bases[module.split(".")[-1]] = parts.pop("base_layer")[1].detach()
+            head_bases[site] = _end_matrix(*parts.pop("base_layer"), shape, wpath)
             if not parts:
                 continue
         dora = bool(cfg.get("use_dora"))
@@ -472,7 +517,11 @@ def load_peft_adapter(
             a=a.detach().to(torch.float32).contiguous(), b=b.detach().to(torch.float32).contiguous(),
             scaling=float(scaling), magnitude=mag,
         )
-    if not modules and not heads:
+    missing = saved_sites - set(replaced)
+    if missing:
+        raise AdapterLoadError(f"{wpath}: the config's modules_to_save names {sorted(missing)} but the file has no "
+                               f"weights for them")
+    if not modules and not heads and not replaced:
         raise AdapterLoadError(f"{wpath}: no LoRA tensors for any of {', '.join(LORA_SITES + HEAD_SITES)}")
 
     base = cfg.get("base_model_name_or_path")
@@ -482,20 +531,18 @@ def load_peft_adapter(
             adapter_id, base, expected_base_model,
         )
     return LoRAAdapter(adapter_id=adapter_id, path=str(folder), config=cfg, base_model_name_or_path=base,
-                       modules=modules, heads=heads, head_bases=head_bases)
+                       modules=modules, heads=heads, head_bases=head_bases,
+                       replaced=replaced)
 
 
 def _head_module(site: str, ka: str, a: torch.Tensor, kb: str, b: torch.Tensor, r: int, alpha: float, rslora: bool,
                  shape: ModelShape, wpath: Path) -> LoRAModule:
     """LoRA on embed_tokens (A [r, vocab], B [hidden, r]) or lm_head (A [r, hidden], B [vocab, r]),
-    checked against the model: an adapter that adds tokens (a larger vocabulary) is refused by name."""
-    vocab, hidden = shape.vocab_size, shape.hidden_size
-    want_a, want_b = ((r, vocab), (hidden, r)) if site == "embed_tokens" else ((r, hidden), (vocab, r))
+    checked against the model; an adapter that adds tokens has more token rows (openlora.lora.heads)."""
+    hidden = shape.hidden_size
     got_vocab = a.shape[-1] if site == "embed_tokens" else b.shape[0]
-    if vocab and got_vocab != vocab and a.dim() == 2 and b.dim() == 2:
-        raise UnsupportedAdapter(
-            f"{wpath}: key {ka if site == 'embed_tokens' else kb!r}: the adapter's {site} has {got_vocab} "
-            f"token rows but the model has {vocab}: adapters that add tokens are not supported")
+    vocab = max(shape.vocab_size, got_vocab) if a.dim() == 2 and b.dim() == 2 else shape.vocab_size
+    want_a, want_b = ((r, vocab), (hidden, r)) if site == "embed_tokens" else ((r, hidden), (vocab, r))
     for key, t, want in ((ka, a, want_a), (kb, b, want_b)):
         if vocab and tuple(t.shape) != want:
             raise AdapterLoadError(f"{wpath}: key {key!r} has shape {tuple(t.shape)}, expected {want} (r={r})")
@@ -504,6 +551,16 @@ def _head_module(site: str, ka: str, a: torch.Tensor, kb: str, b: torch.Tensor, 
     scaling = alpha / math.sqrt(r) if rslora else alpha / r
     return LoRAModule(a=a.detach().to(torch.float32).contiguous(), b=b.detach().to(torch.float32).contiguous(),
                       scaling=float(scaling))
+
+
+def _end_matrix(key: str, t: torch.Tensor, shape: ModelShape, wpath: Path) -> torch.Tensor:
+    """A whole embedding / head matrix carried by the adapter, checked: [vocab' >= vocab, hidden], finite."""
+    if t.dim() != 2 or (shape.hidden_size and t.shape[1] != shape.hidden_size) or t.shape[0] < shape.vocab_size:
+        raise AdapterLoadError(f"{wpath}: key {key!r} has shape {tuple(t.shape)}, expected ({shape.vocab_size} or "
+                               f"more token rows, {shape.hidden_size})")
+    if not torch.isfinite(t).all():
+        raise AdapterLoadError(f"{wpath}: key {key!r} holds NaN or infinite values")
+    return t.detach().to(torch.float32).contiguous()
 
 
 def infer_shape(paths: list[str | Path]) -> ModelShape:

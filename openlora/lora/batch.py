@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from openlora.lora.heads import EndUse
+
 
 @dataclass
 class SiteRows:
@@ -56,10 +58,9 @@ class LoRABatch:
     seg_indptr_list: list[int]  # host copy of seg_indptr
     sites: dict[str, SiteRows]  # site name -> rows; a site no segment targets is absent
     num_tokens: int  # tokens in the whole flattened batch (LoRA and base-only)
-    # LoRA on the model's ends (openlora.lora.heads): "embed_tokens" / "lm_head" -> one entry per
-    # (segment, adapter) that has it: (token indices [n] int64, first, second, weight), the pair as
-    # PackedAdapter.heads stores it.
-    heads: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]] = field(default_factory=dict)
+    # The model's ends as adapters change them (openlora.lora.heads): "embed_tokens" / "lm_head" -> one
+    # use per (segment, adapter) that changes that end.
+    heads: dict[str, list[EndUse]] = field(default_factory=dict)
 
     @property
     def num_segments(self) -> int:
@@ -69,6 +70,11 @@ class LoRABatch:
     def empty(self) -> bool:
         """No projection site to apply (the ends, `heads`, are applied outside the layers)."""
         return self.num_segments == 0 or not self.sites
+
+    @property
+    def max_vocab(self) -> int:
+        """The widest vocabulary of an adapter in the step (0: none touches the ends)."""
+        return max((u.end.vocab for uses in self.heads.values() for u in uses), default=0)
 
     @property
     def has_dora(self) -> bool:

@@ -27,6 +27,7 @@ from openlora.lora import dora
 from openlora.lora.adapter import LoRAAdapter
 from openlora.lora.batch import LoRABatch, SiteRows
 from openlora.lora.entry import AdapterEntry, AdapterState
+from openlora.lora.heads import EndUse, EndWeights
 from openlora.lora.host_cache import HostCache
 from openlora.lora.pool import LoRAPool, PackedAdapter
 
@@ -51,7 +52,8 @@ class DeviceSlots:
         # resident DoRA adapter -> (its row-scale table entry, the sites it targets)
         self._dora: dict[AdapterEntry, tuple[int, frozenset[str]]] = {}
         # resident adapter with LoRA on embed_tokens / lm_head -> those tensors on the device
-        self._heads: dict[AdapterEntry, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._heads: dict[AdapterEntry, dict[str, EndWeights]] = {}
+        self._step_dora: list[int] = []  # DoRA entries made for the last step's weights (_dora_segments)
 
     def __len__(self) -> int:
         return len(self._resident)
@@ -74,11 +76,14 @@ class DeviceSlots:
             raise AdapterLoadError(
                 f"adapter {adapter.adapter_id!r} has rank above the pool's {self.pool.rows} rows at {too_big}")
         for site, saved in adapter.head_bases.items():
+            # PEFT's copy of the base end: the served rows, plus those of any added tokens
             served = None if self.pool.base is None else self.pool.base.end_weight(site)
-            if served is None or saved.shape != served.shape or not torch.equal(saved.to(served.dtype), served):
+            if (served is None or saved.shape[0] < served.shape[0] or saved.shape[1:] != served.shape[1:]
+                    or not torch.equal(saved[:served.shape[0]].to(served.dtype), served)):
                 raise UnsupportedAdapter(
-                    f"adapter {adapter.adapter_id!r} carries its own {site} weights, not the served model's "
-                    f"(trained or resized, as modules_to_save): replacing a base module is not supported")
+                    f"adapter {adapter.adapter_id!r} carries base {site} weights that are not the served model's: "
+                    f"it was trained on another base model (a LoRA on {site} applies to the base rows it was "
+                    f"trained with)")
         if adapter.dora and self.pool.base is None:
             raise AdapterLoadError(f"adapter {adapter.adapter_id!r} is DoRA, which needs the served model's "
                                    f"weights: this engine has none to give")
@@ -91,26 +96,40 @@ class DeviceSlots:
             self.pool.unload_dora(d[0])
 
     @torch.no_grad()
-    def _dora_scales(self, packed: PackedAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """g and shift per site and layer (openlora.lora.dora), computed at the first residency of this
-        host copy (the engine thread: the served model's GEMMs stay on its OpenMP team) and kept."""
-        if not packed.scales:
+    def _dora_terms(self, packed: PackedAdapter) -> dict[str, tuple]:
+        """DoRA's row terms per site, (||W||^2, cross, quad, bias or None) [L, out] fp64 each
+        (openlora.lora.dora), computed at the first residency of this host copy (the engine thread: the
+        served model's GEMMs stay on its OpenMP team) and kept."""
+        if not packed.terms:
             base, dev = self.pool.base, self.pool.device
             for site, mag in packed.magnitude.items():
                 a, bt = packed.sites[site]
-                g = torch.ones(mag.shape, dtype=torch.float32)
-                shift = None
+                rs, cr, qd = (torch.zeros(mag.shape, dtype=torch.float64) for _ in range(3))
+                bias = None
                 for layer in range(mag.shape[0]):
                     if torch.isnan(mag[layer, 0]):
                         continue  # no module at this layer: identity
-                    gl, sl = dora.row_scale(base, layer, site, a[layer].to(dev), bt[layer].to(dev),
-                                            mag[layer].to(dev))
-                    g[layer] = gl.cpu()
-                    if sl is not None:
-                        shift = torch.zeros(mag.shape, dtype=torch.float32) if shift is None else shift
-                        shift[layer] = sl.cpu()
-                packed.scales[site] = (g, shift)
-        return packed.scales
+                    t = dora.row_terms(base, layer, site, a[layer].to(dev), bt[layer].to(dev))
+                    rs[layer], cr[layer], qd[layer] = (x.cpu() for x in t)
+                    b = base.bias(layer, site)
+                    if b is not None:
+                        bias = torch.zeros(mag.shape, dtype=torch.float64) if bias is None else bias
+                        bias[layer] = b.double().cpu()
+                packed.terms[site] = (rs, cr, qd, bias)
+        return packed.terms
+
+    def _dora_scales(self, packed: PackedAdapter, weight: float = 1.0) -> dict[str, tuple]:
+        """(g, shift or None) [L, out] fp32 per site at a request weight (layers without a module: identity)."""
+        out = {}
+        for site, (rs, cr, qd, bias) in self._dora_terms(packed).items():
+            mag = packed.magnitude[site]
+            g, shift = dora.scale_from_terms(rs, cr, qd, mag, bias, weight)
+            absent = torch.isnan(mag[:, 0])
+            g[absent] = 1.0
+            if shift is not None:
+                shift[absent] = 0.0
+            out[site] = (g, shift)
+        return out
 
     def drop(self, e: AdapterEntry) -> None:
         """Free `e`'s rows and forget it here."""
@@ -155,7 +174,7 @@ class DeviceSlots:
         e.rows = self.pool.load(e.packed)
         if e.packed.heads:
             dev = self.pool.device
-            self._heads[e] = {s: (p.to(dev), q.to(dev)) for s, (p, q) in e.packed.heads.items()}
+            self._heads[e] = {s: end.to(dev) for s, end in e.packed.heads.items()}
         e.copy_seconds = time.perf_counter() - t0
         self.stats["copies"] += 1
         if e.fresh:  # first residency since this host copy was loaded: a cold start
@@ -206,6 +225,7 @@ class DeviceSlots:
                 tok.extend(range(q0, q0 + n))
             seg.append(len(tok))
         used = {site for key in mixes for e, _ in key for site in (e.rows or {})}
+        dora_seg = self._dora_segments(mixes) if self._dora else []
         sites = {}
         for site in used:
             idx: list[int] = []
@@ -224,27 +244,46 @@ class DeviceSlots:
                 row_indptr_list=ptr,
             )
             if self._dora:
-                self._dora_rows(sites[site], site, mixes)
+                self._dora_rows(sites[site], site, dora_seg)
         heads: dict[str, list] = {}
         if self._heads:
             for g, key in enumerate(mixes):
                 for e, w in key:
-                    for site, (p, q) in self._heads.get(e, {}).items():
+                    for site, end in self._heads.get(e, {}).items():
                         t = torch.tensor(tok[seg[g]:seg[g + 1]], dtype=torch.long, device=dev)
-                        heads.setdefault(site, []).append((t, p, q, w))
+                        heads.setdefault(site, []).append(EndUse(t, end, w))
         return LoRABatch(
             token_idx=torch.tensor(tok, dtype=torch.long, device=dev),
             seg_indptr=torch.tensor(seg, dtype=torch.long, device=dev),
             seg_indptr_list=seg, sites=sites, num_tokens=num_tokens, heads=heads,
         )
 
-    def _dora_rows(self, rows: SiteRows, site: str, mixes) -> None:
-        """Each segment's row-scale entry at `site`: a mix of one DoRA adapter at weight 1 that targets
-        the site (the manager refuses any other mix with a DoRA adapter in it)."""
-        seg = []
+    def _dora_segments(self, mixes) -> list[tuple[int, frozenset[str]]]:
+        """Each segment's DoRA table entry and the sites it targets ((0, {}) for none): a mix of one
+        DoRA adapter (the manager refuses DoRA in any other mix). At weight 1 the adapter's own entry;
+        at another weight an entry made for this step (g follows the weight), given back next step."""
+        for d in self._step_dora:
+            self.pool.unload_dora(d)
+        self._step_dora = []
+        made: dict[tuple[AdapterEntry, float], int] = {}
+        out = []
         for key in mixes:
-            d, targets = self._dora.get(key[0][0], (0, ())) if len(key) == 1 and key[0][1] == 1.0 else (0, ())
-            seg.append(d if site in targets else 0)
+            e, w = key[0]
+            if len(key) != 1 or e not in self._dora:
+                out.append((0, frozenset()))
+                continue
+            d, targets = self._dora[e]
+            if w != 1.0:
+                if (e, w) not in made:
+                    made[(e, w)] = self.pool.load_dora(self._dora_scales(e.packed, w))
+                    self._step_dora.append(made[(e, w)])
+                d = made[(e, w)]
+            out.append((d, targets))
+        return out
+
+    def _dora_rows(self, rows: SiteRows, site: str, dora_seg: list[tuple[int, frozenset[str]]]) -> None:
+        """Each segment's row-scale entry at `site` (see _dora_segments)."""
+        seg = [d if site in targets else 0 for d, targets in dora_seg]
         if any(seg):
             rows.seg_dora = torch.tensor(seg, dtype=torch.long, device=self.pool.device)
             rows.seg_dora_list = seg

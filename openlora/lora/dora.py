@@ -39,16 +39,30 @@ class BaseProjections(Protocol):
 
 
 @torch.no_grad()
-def row_scale(base: BaseProjections, layer: int, site: str, a: torch.Tensor, bt: torch.Tensor,
-              magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(g [out], shift [out] or None) for one module: a [r, in] and bt [r, out] as the pool stores them
-    (bt = scaling * B^T, model dtype), magnitude [out] fp32."""
+def row_terms(base: BaseProjections, layer: int, site: str, a: torch.Tensor,
+              bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(||W_o||^2, s <W_o, (BA)_o>, s^2 ||(BA)_o||^2) per output row, fp64 [out] each, for one module: a
+    [r, in] and bt [r, out] as the pool stores them (bt = s B^T, model dtype). A request weight w scales
+    s: norm^2 = row_sq + 2 w cross + w^2 quad."""
     m_proj = base.project(layer, site, a).double()  # [r, out]: A W^T
     a64, bt64 = a.double(), bt.double()
     gram = a64 @ a64.t()  # [r, r]
-    cross = (bt64 * m_proj).sum(0)  # [out]: s <W_o, (BA)_o>
-    quad = (bt64 * (gram @ bt64)).sum(0)  # [out]: s^2 ||(BA)_o||^2
-    norm = (base.row_sq(layer, site).double() + 2.0 * cross + quad).clamp_min(0.0).sqrt()
-    g = (magnitude.double() / norm).float()
-    b = base.bias(layer, site)
-    return g, (None if b is None else ((1.0 - g.double()) * b.double()).float())
+    cross = (bt64 * m_proj).sum(0)  # [out]
+    quad = (bt64 * (gram @ bt64)).sum(0)  # [out]
+    return base.row_sq(layer, site).double(), cross, quad
+
+
+def scale_from_terms(row_sq: torch.Tensor, cross: torch.Tensor, quad: torch.Tensor, magnitude: torch.Tensor,
+                     bias: torch.Tensor | None, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(g, shift or None), fp32, shaped like the terms: g = m / ||W + w s B A||, shift = (1 - g) bias.
+    PEFT's DoRA at a request weight w (its scale) is the adapter with s B scaled by w: g follows w."""
+    norm = (row_sq + (2.0 * weight) * cross + (weight * weight) * quad).clamp_min(0.0).sqrt()
+    g = magnitude.double() / norm
+    return g.float(), (None if bias is None else ((1.0 - g) * bias.double()).float())
+
+
+@torch.no_grad()
+def row_scale(base: BaseProjections, layer: int, site: str, a: torch.Tensor, bt: torch.Tensor,
+              magnitude: torch.Tensor, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(g [out], shift [out] or None) for one module at request weight `weight` (magnitude [out] fp32)."""
+    return scale_from_terms(*row_terms(base, layer, site, a, bt), magnitude, base.bias(layer, site), weight)

@@ -39,6 +39,7 @@ from openlora.lora.host_cache import HostCache
 from openlora.lora.pool import LoRAPool
 from openlora.lora.registry import AdapterRegistry
 from openlora.lora.sources import fetch, parse_source, scan_adapter_dir
+from openlora.lora.tokenizers import AdapterTokenizers
 from openlora.request import AdapterUse, Request
 
 log = logging.getLogger("openlora.lora")
@@ -69,6 +70,19 @@ class LoRAManager:
                                  scrub=config.cache.scrub_freed_memory)
         self._req: dict[str, list[AdapterEntry]] = {}  # request id -> its entries (survives re-register)
         self._serials = itertools.count(1)  # AdapterEntry.serial
+        self.tokenizers = AdapterTokenizers({})  # set by use_tokenizer
+
+    def use_tokenizer(self, tokenizer) -> None:
+        """The model's tokenizer: adapters that add tokens bring their own, which must extend it."""
+        self.tokenizers = AdapterTokenizers(tokenizer.get_vocab())
+
+    def tokenizer_for(self, adapter_ids: Sequence[str]) -> Any:
+        """The tokenizer of a request's adapter when it adds tokens (openlora.lora.tokenizers), else None."""
+        if len(adapter_ids) != 1:
+            return None  # a composition never holds such an adapter (failure refuses it)
+        with self.lock:
+            e = self.registry.current(adapter_ids[0])
+            return None if e is None else self.tokenizers.get(e)
 
     def use_base(self, base) -> None:
         """The served model's projections (openlora.lora.dora.BaseProjections): DoRA adapters need them."""
@@ -182,6 +196,7 @@ class LoRAManager:
         self.slots.drop(e)
         self.host_cache.drop(e)
         self.registry.remove(e)
+        self.tokenizers.forget(e)
 
     # ---- what the other layers ask ------------------------------------------------------------
     @staticmethod
@@ -342,12 +357,26 @@ class LoRAManager:
             for e in ents:
                 if e.state == AdapterState.FAILED:
                     return e.exc or AdapterLoadError(e.error or f"adapter {e.adapter_id!r} failed to load")
-            mixed = len(req.adapters) > 1 or req.adapters[0].weight != 1.0
             dora = [e.adapter_id for e in ents if e.packed is not None and e.packed.dora]
-            if mixed and dora:  # known once loaded: acquire() admits nothing before that
+            if len(req.adapters) > 1 and dora:  # known once loaded: acquire() admits nothing before that
                 return InvalidRequest(
-                    f"DoRA adapter {dora[0]!r} can only be used alone at weight 1: its row scale "
-                    f"m / ||W + s B A|| is not linear in the update, so no weighted composition is exact")
+                    f"DoRA adapter {dora[0]!r} can only be used alone (at any weight): its row scale "
+                    f"m / ||W + s B A|| is not linear in the update, so a composition has no single scale")
+            return self._vocab_failure(req, ents)
+        return None
+
+    def _vocab_failure(self, req: Request, ents: list[AdapterEntry]) -> BaseException | None:
+        """Added tokens (openlora.lora.heads) belong to their adapter: it is used alone, and only its
+        requests' prompts may hold its ids (lock held; known once the adapters are loaded)."""
+        if any(e.packed is None for e in ents):
+            return None
+        vocab = self.shape.vocab_size
+        grown = [e.adapter_id for e in ents if e.packed.vocab_size > vocab]
+        if grown and len(ents) > 1:
+            return InvalidRequest(f"adapter {grown[0]!r} adds tokens to the vocabulary: it can only be used alone")
+        limit = max(vocab, ents[0].packed.vocab_size) if len(ents) == 1 else vocab
+        if req.prompt_token_ids and max(req.prompt_token_ids) >= limit:
+            return InvalidRequest(f"prompt token ids must be integers in [0, {limit}) for these adapters")
         return None
 
     def acquire(self, req: Request) -> bool:

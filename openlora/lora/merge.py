@@ -223,6 +223,10 @@ def merge_adapters(
     masks (None: the global torch RNG, as PEFT). Raises InvalidRequest naming the bad field.
     """
     validate_params(len(adapters), weights, strategy, density, majority_sign_method, svd_rank, svd_clamp)
+    whole = [a.adapter_id for a in adapters if a.replaced or a.head_bases]
+    if whole:
+        raise InvalidRequest(f"cannot merge adapters that carry their own embed_tokens or lm_head matrix "
+                             f"(modules_to_save, added tokens: {', '.join(whole)}); use each alone")
     heads = [a.adapter_id for a in adapters if a.heads]
     if heads:
         raise InvalidRequest(f"cannot merge adapters with LoRA on embed_tokens or lm_head ({', '.join(heads)}); "

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from openlora.config import LORA_SITES, ModelShape
+from openlora.lora.heads import EndWeights, plan_ends
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,13 @@ class PackedAdapter:
     sites: dict[str, tuple[torch.Tensor, torch.Tensor]]
     # DoRA: per site the magnitude [L, out] fp32 (NaN rows: layers the adapter leaves alone); empty for LoRA.
     magnitude: dict[str, torch.Tensor] = field(default_factory=dict)
-    # DoRA: per site (g, shift or None) [L, out] fp32, computed once against the served base model (the
-    # engine thread, at the first residency: openlora.lora.device_slots) and kept with the host copy.
-    scales: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
-    # LoRA on the model's ends (openlora.lora.heads), outside the pool's rows: "embed_tokens" ->
-    # (A^T [vocab, r], s B^T [r, hidden]); "lm_head" -> (A [r, hidden], s B^T [r, vocab]).
-    heads: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # DoRA: per site the row terms (||W||^2, cross, quad, bias or None) [L, out] fp64 that give g at any
+    # request weight (openlora.lora.dora), computed once against the served base model (the engine thread,
+    # at the first residency: openlora.lora.device_slots) and kept with the host copy.
+    terms: dict[str, tuple] = field(default_factory=dict)
+    # The model's ends as the adapter changes them (openlora.lora.heads), outside the pool's rows:
+    # "embed_tokens" / "lm_head" -> LoRA, a whole matrix (modules_to_save), rows of added tokens.
+    heads: dict[str, EndWeights] = field(default_factory=dict)
 
     @property
     def dora(self) -> bool:
@@ -46,8 +48,13 @@ class PackedAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for a, b in (*self.sites.values(), *self.heads.values()))
+        return sum(t.numel() * t.element_size() for t in (
+            *(t for pair in self.sites.values() for t in pair), *(t for e in self.heads.values() for t in e.tensors())))
+
+    @property
+    def vocab_size(self) -> int:
+        """Token rows of the adapter's ends (0: it leaves both alone)."""
+        return max((e.vocab for e in self.heads.values()), default=0)
 
 
 @torch.no_grad()
@@ -80,10 +87,7 @@ def pack(adapter, shape: ModelShape, dtype: torch.dtype, pin: bool = False) -> P
         if pin:
             a, bt = a.pin_memory(), bt.pin_memory()
         sites[site] = (a, bt)
-    heads = {}
-    for site, m in adapter.heads.items():
-        first = m.a.t() if site == "embed_tokens" else m.a  # embed: rows gathered by token id
-        heads[site] = (first.float().contiguous().to(dtype), (m.b.float() * m.scaling).t().contiguous().to(dtype))
+    heads = plan_ends(adapter, shape.vocab_size, shape.tie_word_embeddings, dtype)
     return PackedAdapter(sites, magnitude, heads=heads)
 
 

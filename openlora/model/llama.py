@@ -12,7 +12,7 @@ from torch import nn
 
 from openlora.config import LORA_SITES, ModelConfig
 from openlora.kernels import decoder
-from openlora.lora.heads import add_embedding_lora
+from openlora.lora.heads import embed_rows
 from openlora.model.attention import paged_attention
 from openlora.model.linear import Linear
 from openlora.model.loader import CheckpointReader
@@ -118,10 +118,13 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden] (normed)."""
-        h = F.embedding(input_ids, self.embed)  # a fresh tensor: safe to update in place
         a, lc = ctx.attn, ctx.lora
+        vocab = self.cfg.vocab_size
+        wide = lc is not None and lc.batch.max_vocab > vocab  # an adapter's added tokens may be in the step
+        # A fresh tensor (safe to update in place); an added token's row is set by its adapter's end.
+        h = F.embedding(input_ids.clamp(max=vocab - 1) if wide else input_ids, self.embed)
         if lc is not None and "embed_tokens" in lc.batch.heads:
-            add_embedding_lora(h, input_ids, lc.batch.heads["embed_tokens"])
+            embed_rows(h, input_ids, lc.batch.heads["embed_tokens"], vocab)
         if ctx.cpp_loop and self.stack is not None and kv_caches is self._stack_kv:
             # Every row attends through the paged kernel: all layers in one C++ call (same kernels, same result).
             args = (h, ctx.cos, ctx.sin, a.slot_mapping, a.decode_block_table, a.decode_seq_lens)

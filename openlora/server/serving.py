@@ -250,12 +250,12 @@ async def _stream(run: _Run, first: tuple[str, RequestOutput], emit: Callable[[s
     yield "data: [DONE]\n\n"
 
 
-def _piece(st: ServerState, context: list[int], tid: int) -> str:
+def _piece(tok: Any, context: list[int], tid: int) -> str:
     """The text token `tid` adds after `context` (a few previous tokens): decoding ids one by one
     would drop the spaces and merge rules tokenizers apply between tokens."""
     ctx = context[-4:]
-    before = st.tokenizer.decode(ctx) if ctx else ""
-    return st.tokenizer.decode(ctx + [tid])[len(before):]
+    before = tok.decode(ctx) if ctx else ""
+    return tok.decode(ctx + [tid])[len(before):]
 
 
 def _positions(o: RequestOutput, c: CompletionOutput, start: int):
@@ -291,7 +291,8 @@ async def create_completion(body: CompletionRequest, raw: Request, st: ServerSta
     note_adapter_state(raw, st, names)
     params = _params(body, body.max_tokens, body.logprobs)
     run = _Run(st, f"cmpl-{uuid.uuid4().hex}")
-    n_prompt = [len(p) if isinstance(p, list) else len(st.tokenizer(p)["input_ids"]) for p in prompts]
+    tok = st.tokenizer_for(names)  # the adapter's own when it adds tokens (openlora.lora.tokenizers)
+    n_prompt = [len(p) if isinstance(p, list) else len(tok(p)["input_ids"]) for p in prompts]
     await _admit_payment(st, run, auth, key_id, names, n_prompt, params)
     await run.start(prompts, params, adapters, caller, body, inputs=prompts)
     n = body.n
@@ -301,7 +302,7 @@ async def create_completion(body: CompletionRequest, raw: Request, st: ServerSta
         return run.ids.index(rid) * n + i
 
     def echo_text(o: RequestOutput) -> str:
-        return (o.prompt if o.prompt is not None else st.tokenizer.decode(o.prompt_token_ids)) if body.echo else ""
+        return (o.prompt if o.prompt is not None else tok.decode(o.prompt_token_ids)) if body.echo else ""
 
     if not body.stream:
         await run.wait_all(raw)
@@ -311,7 +312,7 @@ async def create_completion(body: CompletionRequest, raw: Request, st: ServerSta
             o = run.latest[rid]
             for c in o.outputs:
                 choices.append({"finish_reason": c.finish_reason, "index": index(rid, c.index),
-                                "logprobs": (_completion_logprobs(st, o, c, 0, len(echo_text(o)))
+                                "logprobs": (_completion_logprobs(tok, o, c, 0, len(echo_text(o)))
                                              if body.logprobs is not None else None),
                                 "text": echo_text(o) + c.text})
         return JSONResponse({"id": run.base_id, "object": "text_completion", "created": created, "model": body.model,
@@ -338,7 +339,7 @@ async def create_completion(body: CompletionRequest, raw: Request, st: ServerSta
             prefix = echo_text(o) if k not in sent else ""
             if not text and not prefix and c.finish_reason is None:
                 continue
-            lp = _completion_logprobs(st, o, c, nlp, chars) if body.logprobs is not None else None
+            lp = _completion_logprobs(tok, o, c, nlp, chars) if body.logprobs is not None else None
             sent[k] = (len(c.text), len(c.logprobs or ()))
             out.append(chunk([{"finish_reason": c.finish_reason, "index": index(rid, c.index), "logprobs": lp,
                                "text": prefix + text}]))
@@ -357,16 +358,16 @@ async def create_completion(body: CompletionRequest, raw: Request, st: ServerSta
     return _SSEResponse(_stream(run, first, emit, tail), run.close)
 
 
-def _completion_logprobs(st: ServerState, o: RequestOutput, c: CompletionOutput, start: int, offset: int) -> dict:
+def _completion_logprobs(tok: Any, o: RequestOutput, c: CompletionOutput, start: int, offset: int) -> dict:
     """Legacy completions logprobs for output positions start.. (text offsets from `offset`)."""
     toks, lps, tops, offs = [], [], [], []
     pos = offset
     for ctx, tid, pl in _positions(o, c, start):
-        s = _piece(st, ctx, tid)
+        s = _piece(tok, ctx, tid)
         toks.append(s)
         chosen = pl.get(tid)
         lps.append(chosen.logprob if chosen else None)
-        tops.append({_piece(st, ctx, t): lp.logprob for t, lp in pl.items()})
+        tops.append({_piece(tok, ctx, t): lp.logprob for t, lp in pl.items()})
         offs.append(pos)
         pos += len(s)
     return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
@@ -437,15 +438,16 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, st: 
     _check_access(st, _names(body, names), caller)  # before anything about the adapter is revealed
     note_adapter_state(raw, st, names)
     msgs = [m.model_dump(exclude_none=True) for m in body.messages]
+    tok = st.tokenizer_for(names)  # the adapter's own when it adds tokens (openlora.lora.tokenizers)
     try:
-        text = apply_chat_template(st.tokenizer, msgs, add_generation_prompt=body.add_generation_prompt,
+        text = apply_chat_template(tok, msgs, add_generation_prompt=body.add_generation_prompt,
                                    continue_final_message=body.continue_final_message)
     except InvalidRequest:
         raise
     except Exception as e:  # a template can raise anything on odd input: that is the input's fault
         raise InvalidRequest(f"chat template failed on these messages: {type(e).__name__}: {e}") from e
     # The template places the special tokens itself (as transformers' apply_chat_template(tokenize=True)).
-    ids = st.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
     top = body.top_logprobs if body.top_logprobs is not None else 0
     params = _params(body, body.max_completion_tokens or body.max_tokens, top if body.logprobs else None)
     run = _Run(st, f"chatcmpl-{uuid.uuid4().hex}")
@@ -460,7 +462,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, st: 
         pt, ct = run.observe(names)
         o = run.latest[run.ids[0]]
         choices = [{"finish_reason": c.finish_reason, "index": c.index,
-                    "logprobs": {"content": _chat_logprobs(st, o, c, 0, top)} if body.logprobs else None,
+                    "logprobs": {"content": _chat_logprobs(tok, o, c, 0, top)} if body.logprobs else None,
                     "message": {"content": c.text, "refusal": None, "role": "assistant"}} for c in o.outputs]
         return JSONResponse({"id": run.base_id, "object": "chat.completion", "created": created, "model": body.model,
                              "choices": choices, "system_fingerprint": None,
@@ -488,7 +490,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, st: 
                 continue  # this choice already finished
             text = c.text[chars:]
             if text or (body.logprobs and len(c.token_ids) > nlp):
-                lp = {"content": _chat_logprobs(st, o, c, nlp, top)} if body.logprobs else None
+                lp = {"content": _chat_logprobs(tok, o, c, nlp, top)} if body.logprobs else None
                 out.append(chunk([{"index": c.index, "delta": {"content": text}, "logprobs": lp,
                                    "finish_reason": None}]))
             sent[c.index] = (len(c.text), len(c.logprobs or ()))
@@ -507,16 +509,16 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, st: 
     return _SSEResponse(_stream(run, first, emit, tail), run.close)
 
 
-def _chat_logprobs(st: ServerState, o: RequestOutput, c: CompletionOutput, start: int, top: int) -> list[dict]:
+def _chat_logprobs(tok: Any, o: RequestOutput, c: CompletionOutput, start: int, top: int) -> list[dict]:
     """Chat logprobs entries for output positions start.. (chosen token plus `top` alternatives)."""
     res = []
     for ctx, tid, pl in _positions(o, c, start):
-        s = _piece(st, ctx, tid)
+        s = _piece(tok, ctx, tid)
         chosen = pl.get(tid)
         alts = sorted(pl.items(), key=lambda kv: kv[1].rank)[:top] if top else []
         res.append({"token": s, "logprob": chosen.logprob if chosen else -9999.0,
                     "bytes": list(s.encode()),
-                    "top_logprobs": [{"token": (t := _piece(st, ctx, i)), "logprob": lp.logprob,
+                    "top_logprobs": [{"token": (t := _piece(tok, ctx, i)), "logprob": lp.logprob,
                                       "bytes": list(t.encode())}
                                      for i, lp in alts]})
     return res

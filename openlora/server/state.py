@@ -103,6 +103,11 @@ class ServerState:
     def tokenizer(self):
         return self.engine.engine.tokenizer
 
+    def tokenizer_for(self, adapter_ids: list[str]):
+        """The tokenizer a request for these adapters is encoded with (an adapter that adds tokens
+        brings its own: openlora.lora.tokenizers)."""
+        return self.engine.engine.tokenizer_for(adapter_ids)[0]
+
     def key_id(self, request: Request) -> str | None:
         """The caller's API-key id: "admin" for the admin key, None when the server runs without keys.
         Raises 401."""

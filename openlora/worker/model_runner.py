@@ -10,7 +10,7 @@ import torch
 from openlora.config import EngineConfig
 from openlora.core.scheduler import ScheduledRequest, SchedulerOutput
 from openlora.kernels.select import KernelPlan, select_kernels
-from openlora.lora.heads import add_head_lora
+from openlora.lora.heads import head_logits
 from openlora.model.attention import causal_mask
 from openlora.model.llama import LlamaModel, load_model
 from openlora.model.projections import ServedProjections
@@ -176,10 +176,25 @@ class ModelRunner:
                              cpp_loop=cpp_loop)
         return ctx, torch.tensor(ids, dtype=torch.long, device=dev), q_starts
 
+    @staticmethod
+    def _sampling_groups(logits: torch.Tensor, wide: dict[int, torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+        """(row indices, their logits) per sampler call: the batch's rows of width vocab, then the wide rows
+        (adapters with added tokens) grouped by width."""
+        if not wide:
+            return [(list(range(logits.shape[0])), logits)]
+        narrow = [i for i in range(logits.shape[0]) if i not in wide]
+        groups = [(narrow, logits[narrow])] if narrow else []
+        by_width: dict[int, list[int]] = {}
+        for i, row in wide.items():
+            by_width.setdefault(row.shape[0], []).append(i)
+        groups += [(idx, torch.stack([wide[i] for i in idx])) for idx in by_width.values()]
+        return groups
+
     def _sample(self, seqs: list[ScheduledRequest], hidden: torch.Tensor, q_starts: list[int],
                 head: list | None = None) -> RunnerOutput:
-        """Sample the rows that end their known tokens; `head`: this step's LoRA on lm_head
-        (openlora.lora.heads), added to those rows' logits and to prompt-logprob rows."""
+        """Sample the rows that end their known tokens; `head`: this step's adapters that change lm_head
+        (openlora.lora.heads), applied to those rows' logits and to prompt-logprob rows. Rows of adapters
+        that add tokens have wider logits and are sampled apart (each row's sampling is its own)."""
         res = RunnerOutput()
         rows: list[int] = []
         sample_seqs: list[ScheduledRequest] = []
@@ -194,25 +209,29 @@ class ModelRunner:
             if s.samples:
                 rows.append(q0 + s.num_new_tokens - 1)
                 sample_seqs.append(s)
+        vocab = self.config.model.vocab_size
         if sample_seqs:
             logits = self.model.logits(hidden[rows], fp32=False)  # [B, vocab] in the model dtype
-            if head:
-                add_head_lora(logits, hidden, rows, head)
+            wide = head_logits(logits, hidden, rows, head, vocab) if head else {}
             if self.capture_logits is not None:
-                self.capture_logits.extend((s.request.request_id, row.to(torch.float32, copy=True))
-                                           for s, row in zip(sample_seqs, logits))
+                self.capture_logits.extend((s.request.request_id, wide.get(i, row).to(torch.float32, copy=True))
+                                           for i, (s, row) in enumerate(zip(sample_seqs, logits)))
             srows = [SamplingRow(s.request.sampling_params, s.request.prompt_token_ids, s.request.output_token_ids,
                                  self._generator(s.request), s.request.eos_token_ids) for s in sample_seqs]
-            so = self.sampler(logits, srows)
-            for s, tok, lp in zip(sample_seqs, so.token_ids, so.logprobs):
-                res.sampled[s.request.request_id] = tok
-                if lp is not None:
-                    res.logprobs[s.request.request_id] = lp
+            for idx, lg in self._sampling_groups(logits, wide):
+                so = self.sampler(lg, [srows[i] for i in idx])
+                for i, tok, lp in zip(idx, so.token_ids, so.logprobs):
+                    rid = sample_seqs[i].request.request_id
+                    res.sampled[rid] = tok
+                    if lp is not None:
+                        res.logprobs[rid] = lp
         for s, q0, cnt in prompt_lp:
             req = s.request
             lg = self.model.logits(hidden[q0:q0 + cnt])
             if head:
-                add_head_lora(lg, hidden, list(range(q0, q0 + cnt)), head)
+                wide = head_logits(lg, hidden, list(range(q0, q0 + cnt)), head, vocab)
+                if wide:  # an adapter with added tokens: every row of this request is wide
+                    lg = torch.stack([wide[i] for i in range(cnt)]).float()
             targets = req.prompt_token_ids[s.start + 1:s.start + 1 + cnt]
             res.prompt_logprobs[req.request_id] = compute_prompt_logprobs(lg, targets,
                                                                           req.sampling_params.prompt_logprobs)

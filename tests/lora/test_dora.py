@@ -1,7 +1,8 @@
 """DoRA (PEFT's use_dora) in mixed batches: DoRA adapters (with and without rsLoRA, some layers only),
 plain LoRA adapters and base-only rows in one engine batch, each row against PEFT running its adapter
 alone. fp32; tolerance 1e-4 on logits (as the LoRA rung), greedy tokens equal. Also: the row scale
-computed from the served weights equals PEFT's, composition and merges of DoRA adapters are refused,
+computed from the served weights equals PEFT's, request weights equal PEFT with B scaled, compositions
+and merges of DoRA adapters are refused,
 and a batch's base rows are bit-identical with and without DoRA neighbours."""
 
 from __future__ import annotations
@@ -102,10 +103,41 @@ def test_dora_in_a_composition_or_merge_is_refused(setup):
     path, adapters = setup
     llm = _llm(path, adapters)
     sp = SamplingParams(max_tokens=2, temperature=0)
-    for spec in ([("dora_r4_qv", 0.5)], [("dora_r4_qv", 1.0), ("lora_r8_attn", 1.0)]):
+    for spec in ([("dora_r4_qv", 1.0), ("lora_r8_attn", 1.0)], [("dora_r4_qv", 0.5), ("dora_r2_layer1", 0.5)]):
         out = llm.generate([[5, 6, 7]], sp, adapters=[spec])[0]
         assert out.error and "DoRA" in out.error, spec
     merged = llm.generate([[5, 6, 7]], sp, merge={"adapters": ["dora_r4_qv", "lora_r8_attn"], "strategy": "svd"})[0]
     assert merged.error and "cannot merge DoRA" in merged.error
     # ... and the adapters themselves still serve alone afterwards.
     assert llm.generate([[5, 6, 7]], sp, adapters=["dora_r4_qv"])[0].outputs[0].token_ids
+
+
+def _scaled_b(src: Path, dst: Path, w: float) -> Path:
+    """The adapter with every lora_B multiplied by w: what PEFT serves at scale w (its DoRA norm included)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    sd = load_file(str(src / "adapter_model.safetensors"))
+    save_file({k: v * w if ".lora_B." in k else v for k, v in sd.items()}, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("lora_backend", ["cpp", "torch"])
+def test_dora_at_request_weights_matches_peft_with_scaled_b(setup, run_engine, tmp_path, lora_backend):
+    """A DoRA adapter alone at weights 0, 0.5, 1 and 2 in one batch (with a plain LoRA row at 0.5): g
+    follows the weight, g = m / ||W + w s B A||, so each row equals PEFT with B scaled by w."""
+    path, adapters = setup
+    llm = _llm(path, adapters, kernels=f"lora={lora_backend}")
+    specs = [[("dora_r8_rslora_all", w)] for w in (0.0, 0.5, 1.0, 2.0)] + [[("lora_r8_attn", 0.5)],
+                                                                          [("dora_r4_qv", 0.5)]]
+    prompts = [[(7 * i + j) % 250 + 3 for j in range(5 + 3 * i)] for i in range(len(specs))]
+    outs, rows = run_engine(llm, prompts, specs)
+    for i, (spec, prompt, out) in enumerate(zip(specs, prompts, outs)):
+        (name, w), = spec
+        ref_adapter = _scaled_b(adapters[name], tmp_path / f"{name}_{i}", w)
+        toks = out.outputs[0].token_ids
+        want = peft_logits(path, ref_adapter, prompt + toks)[len(prompt) - 1:-1]
+        torch.testing.assert_close(torch.stack(rows[i]), want, atol=ATOL, rtol=0, msg=lambda m: f"{spec}: {m}")
+        assert toks == want.argmax(-1).tolist(), spec
