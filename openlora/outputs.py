@@ -72,3 +72,6 @@ class UsageEvent:
     arrival_time: float = 0.0  # unix seconds
     finish_time: float = 0.0
     commitment: str = ""  # 0x-hex HMAC of input and output, when the client asked for one (else "")
+    # Each sample's output token ids, in memory only: span-level attribution matches them against the
+    # adapters' datanets before the receipt is signed (openlora.attribution.span_service); never stored.
+    output_token_ids: tuple[tuple[int, ...], ...] = field(default=(), repr=False, compare=False)

@@ -1,6 +1,7 @@
 """`openlora ledger verify|balances|export|prove REQUEST_ID --ledger PATH`, and
 `openlora ledger check-commitment RECEIPT.json --key KEY --exchange EXCHANGE.json` (no ledger needed:
-anyone the client shows a receipt to can run it).
+anyone the client shows a receipt to can run it), and `openlora ledger explain RECEIPT_ID --answer FILE`
+(span-level attribution re-run on an answer the caller kept: explain.py).
 
 The main CLI wires these in with `add_ledger_commands(subparsers)`; each subcommand stores its
 handler as `args.func`, which returns the process exit code. Output is JSON on stdout; `verify`
@@ -14,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from openlora.errors import InvalidRequest
+from openlora.errors import InvalidRequest, OpenLoRAError
 
 
 def _open(path: str):
@@ -120,6 +121,38 @@ def _cmd_check_commitment(args: argparse.Namespace) -> int:
     return 0 if reason is None else 1
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from openlora.attribution.explain import explain, read_answer
+    from openlora.attribution.manifest import load_manifest
+
+    ledger = _open(args.ledger)
+    try:
+        receipt = ledger.get(args.receipt) or ledger.get_by_request_id(args.receipt)
+    finally:
+        ledger.close()
+    if receipt is None:
+        print(f"error: no receipt {args.receipt} in {args.ledger}", file=sys.stderr)
+        return 2
+    from openlora.engine.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        manifests = {}
+        for spec in args.adapter:
+            name, _, folder = spec.partition("=")
+            m = load_manifest(folder)
+            if m is None:
+                raise ValueError(f"{folder} holds no attribution.json")
+            manifests[name] = m
+        answer = read_answer(Path(args.answer), tokenizer)
+    except (OSError, ValueError, OpenLoRAError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = explain(receipt, answer, manifests, tokenizer)
+    print(json.dumps(result, indent=2))
+    return 0 if result["ok"] else 1
+
+
 def add_ledger_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `ledger` command group to an argparse subparsers object; returns its parser."""
     ledger = subparsers.add_parser("ledger", help="inspect and verify the attribution ledger")
@@ -151,6 +184,17 @@ def add_ledger_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
                    help='JSON {"input": prompt or messages as sent, "output": [generated text, ...]}')
     p.add_argument("--node", default=None, help="also require the receipt to be signed by this address")
     p.set_defaults(func=_cmd_check_commitment)
+    p = sub.add_parser("explain", help="re-run span-level attribution on an answer you kept and check the "
+                                       "receipt's credits and data payouts follow from it (exit 1 if not)")
+    common(p)
+    p.add_argument("receipt", help="receipt id (or request id)")
+    p.add_argument("--answer", required=True, metavar="FILE",
+                   help='the answer: its text, or JSON {"token_ids": [[...], ...]} per sample')
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="an adapter of the receipt and its folder (attribution.json + contributions); repeat")
+    p.add_argument("--tokenizer", required=True, metavar="DIR",
+                   help="the base model's folder: its tokenizer indexes the datanets (and a text answer)")
+    p.set_defaults(func=_cmd_explain)
     return ledger
 
 

@@ -15,9 +15,17 @@ A manifest lives in `attribution.json` beside the PEFT files, or is given as a d
   "price_per_1k_prompt_tokens": 1000,                    // integers, token's smallest unit
   "price_per_1k_completion_tokens": 4000,
   "split": {"operator": 2000, "owner": 5000, "data": 3000},   // basis points, sum 10000
-  "access": "public"                                     // or {"allow": ["0xPayer...", "key-id"]}
+  "access": "public",                                    // or {"allow": ["0xPayer...", "key-id"]}
+  "span_attribution": {"lambda": 0.5, "min_span": 8}     // optional (spans.py's defaults)
 }
 ```
+
+A dataset may also hold its contributions, the texts its contributors gave (span-level attribution,
+openlora.attribution.span_service): `"contributions": "contributions.jsonl"` (a JSON-lines file of
+`{"contributor": "0x...", "text": "..."}`, its path relative to the manifest's folder) or the same
+objects inline as a list. Each contributor of a contribution must be one of the dataset's contributors.
+The dataset's content hash then covers the contributions (`span_index.content_hash`): a given `hash`
+must equal it, and without one it is computed.
 
 Rules: addresses must be valid EVM addresses (a mixed-case address must carry a valid EIP-55
 checksum; they are stored checksummed); prices are integers >= 0; weights are integers > 0;
@@ -40,13 +48,15 @@ from typing import Any
 
 from eth_utils import is_checksum_address, is_hex_address, to_checksum_address
 
-from openlora.attribution.splits import BPS
+from openlora.attribution.span_index import content_hash
+from openlora.attribution.spans import DEFAULT_LAMBDA_PPM, DEFAULT_MIN_SPAN
+from openlora.attribution.splits import BPS, PPM
 from openlora.errors import InvalidRequest
 
 MANIFEST_FILENAME = "attribution.json"
 _ALLOWED_KEYS = {
     "owner", "version", "base_model", "datasets", "price_per_1k_prompt_tokens",
-    "price_per_1k_completion_tokens", "split", "access",
+    "price_per_1k_completion_tokens", "split", "access", "span_attribution",
     "description",  # free text for people (e.g. "demo keys"); not part of any payout
 }
 
@@ -76,6 +86,17 @@ class Dataset:
     ref: str
     contributors: tuple[Contributor, ...]
     weight: int = 1  # share of the data portion relative to the adapter's other datasets
+    # (contributor address, text) pairs: what span-level attribution matches answers against
+    contributions: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class SpanPolicy:
+    """How much of a dataset's data amount follows the spans an answer reproduced (ppm) and the
+    shortest span that counts, in tokens."""
+
+    lambda_ppm: int = DEFAULT_LAMBDA_PPM
+    min_span: int = DEFAULT_MIN_SPAN
 
 
 @dataclass(frozen=True)
@@ -115,6 +136,7 @@ class Manifest:
     price_per_1k_completion_tokens: int
     split: SplitPolicy
     access: AccessPolicy = field(default_factory=AccessPolicy)
+    spans: SpanPolicy = field(default_factory=SpanPolicy)
 
     @classmethod
     def from_dict(cls, raw: Any) -> "Manifest":
@@ -175,10 +197,10 @@ def _address(v: Any, path: str) -> str:
     return to_checksum_address(v)
 
 
-def _dataset(raw: Any, path: str) -> Dataset:
+def _dataset(raw: Any, path: str, base_dir: Path | None) -> Dataset:
     if not isinstance(raw, dict):
         raise _fail(path, "must be an object")
-    unknown = set(raw) - {"id", "hash", "uri", "weight", "contributors"}
+    unknown = set(raw) - {"id", "hash", "uri", "weight", "contributors", "contributions"}
     if unknown:
         raise _fail(f"{path}.{sorted(unknown)[0]}", "unknown field")
     ds_id = _str(raw.get("id"), f"{path}.id")
@@ -186,8 +208,10 @@ def _dataset(raw: Any, path: str) -> Dataset:
         ref = _str(raw["hash"], f"{path}.hash")
     elif "uri" in raw:
         ref = _str(raw["uri"], f"{path}.uri")
+    elif "contributions" in raw:
+        ref = ""  # the contributions' hash, below
     else:
-        raise _fail(f"{path}.hash", "a dataset needs a content hash or a uri")
+        raise _fail(f"{path}.hash", "a dataset needs a content hash, a uri or its contributions")
     weight = _int(raw.get("weight", 1), f"{path}.weight", minimum=1)
     contribs = raw.get("contributors")
     if not isinstance(contribs, list) or not contribs:
@@ -203,11 +227,60 @@ def _dataset(raw: Any, path: str) -> Dataset:
             raise _fail(f"{cp}.address", f"duplicate contributor {addr}")
         seen.add(addr)
         out.append(Contributor(addr, _int(c.get("weight"), f"{cp}.weight", minimum=1)))
-    return Dataset(id=ds_id, ref=ref, contributors=tuple(out), weight=weight)
+    texts: tuple[tuple[str, str], ...] = ()
+    if "contributions" in raw:
+        texts = _contributions(raw["contributions"], f"{path}.contributions", base_dir, seen)
+        digest = content_hash(texts)
+        if "hash" in raw and ref != digest:
+            raise _fail(f"{path}.hash", f"is {ref} but the contributions hash to {digest}")
+        ref = digest
+    return Dataset(id=ds_id, ref=ref, contributors=tuple(out), weight=weight, contributions=texts)
 
 
-def parse_manifest(raw: Any) -> Manifest:
-    """Validate a raw manifest (dict, e.g. parsed JSON) into a Manifest. Errors name the field."""
+def _contributions(raw: Any, path: str, base_dir: Path | None, listed: set[str]) -> tuple[tuple[str, str], ...]:
+    """A dataset's contributions: inline objects or a JSON-lines file, each {"contributor", "text"}."""
+    where = path
+    if isinstance(raw, str):
+        file = Path(raw)
+        if not file.is_absolute():
+            if base_dir is None:
+                raise _fail(path, "a relative path needs the manifest's folder (give an absolute path)")
+            file = base_dir / file
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+            raw = [json.loads(line) for line in lines if line.strip()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _fail(path, f"cannot read {file}: {e}") from e
+        where = str(file)
+    if not isinstance(raw, list) or not raw:
+        raise _fail(path, "must be a non-empty list or a JSON-lines file of {contributor, text}")
+    out = []
+    for j, c in enumerate(raw):
+        cp = f"{where}[{j}]"
+        if not isinstance(c, dict) or set(c) - {"contributor", "text"}:
+            raise _fail(cp, "must be an object {contributor, text}")
+        addr = _address(c.get("contributor"), f"{cp}.contributor")
+        if addr not in listed:
+            raise _fail(f"{cp}.contributor", f"{addr} is not one of the dataset's contributors")
+        out.append((addr, _str(c.get("text"), f"{cp}.text")))
+    return tuple(out)
+
+
+def _span_policy(raw: Any) -> SpanPolicy:
+    if raw is None:
+        return SpanPolicy()
+    if not isinstance(raw, dict) or set(raw) - {"lambda", "min_span"}:
+        raise _fail("span_attribution", "must be an object {lambda, min_span}")
+    lam = raw.get("lambda", DEFAULT_LAMBDA_PPM / PPM)
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 1:
+        raise _fail("span_attribution.lambda", f"must be a number in [0, 1], got {lam!r}")
+    return SpanPolicy(lambda_ppm=round(lam * PPM),
+                      min_span=_int(raw.get("min_span", DEFAULT_MIN_SPAN), "span_attribution.min_span", minimum=1))
+
+
+def parse_manifest(raw: Any, base_dir: str | Path | None = None) -> Manifest:
+    """Validate a raw manifest (dict, e.g. parsed JSON) into a Manifest. Errors name the field.
+    `base_dir`: the manifest's folder (relative contribution files are read from there)."""
     if isinstance(raw, Manifest):
         return raw
     if not isinstance(raw, dict):
@@ -226,7 +299,8 @@ def parse_manifest(raw: Any) -> Manifest:
     ds_raw = raw.get("datasets", [])
     if not isinstance(ds_raw, list):
         raise _fail("datasets", "must be a list")
-    datasets = tuple(_dataset(d, f"datasets[{i}]") for i, d in enumerate(ds_raw))
+    base = Path(base_dir) if base_dir is not None else None
+    datasets = tuple(_dataset(d, f"datasets[{i}]", base) for i, d in enumerate(ds_raw))
     ids = [d.id for d in datasets]
     for i, d in enumerate(ids):
         if d in ids[:i]:
@@ -248,6 +322,7 @@ def parse_manifest(raw: Any) -> Manifest:
         owner=owner, version=version, base_model=base_model, datasets=datasets,
         price_per_1k_prompt_tokens=pp, price_per_1k_completion_tokens=pc,
         split=SplitPolicy(**bps), access=_access(raw.get("access", "public")),
+        spans=_span_policy(raw.get("span_attribution")),
     )
 
 
@@ -272,4 +347,4 @@ def load_manifest(adapter_dir: str | Path) -> Manifest | None:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise _fail("manifest", f"{path} is not valid JSON: {e}") from e
-    return parse_manifest(raw)
+    return parse_manifest(raw, path.parent)

@@ -4,8 +4,10 @@ A receipt holds identities and counts only, never prompt or output text: request
 payer (tenant), base model id + hash, adapters (id, content hash, manifest version, composition
 weight in ppm, fee portion), datasets (id, hash/uri, weight, data amount), payouts (recipient, role,
 ref, amount), token counts, status, fee, timestamp (ms), sequence number and the previous receipt's
-hash (the ledger's hash chain); and, when the client asked for one, a commitment to the request's
-input and output under a key only the client holds (`commitment.py`).
+hash (the ledger's hash chain); when the client asked for one, a commitment to the request's
+input and output under a key only the client holds (`commitment.py`); and, when an adapter's datasets
+hold their contributions, the span-level attribution method and each contributor's integer span
+credit (`span_service.py`; the spans themselves go only to the caller).
 
 Fee rule (integers only; prices are per 1,000 tokens in the token's smallest unit):
 
@@ -21,7 +23,8 @@ Fee rule (integers only; prices are per 1,000 tokens in the token's smallest uni
   between adapters in proportion to `cost_i`, and each adapter's portion by its manifest split
   policy (operator / owner / data, basis points); the data portion goes to its datasets in
   proportion to their `weight` (default 1: equal shares) and within a dataset to contributors by
-  weight. Every split uses the largest-remainder rule of `splits.py`, so amounts sum exactly.
+  weight, or, with span-level attribution, by `spans.blend` of those weights and the span credits.
+  Every split uses the largest-remainder rule of `splits.py`, so amounts sum exactly.
   Remainder ties go to the lower on-chain id (`ids.name_id`: keccak256 of the adapter or dataset
   name), then the lower address, so the Settlement contract reproduces every amount.
 
@@ -96,22 +99,36 @@ EIP712_TYPES: dict[str, list[dict[str, str]]] = {
     ],
 }
 
-# A receipt that carries a commitment (commitment.py) signs one more field, last. Receipts without
-# one keep the struct above, so their hashes (and every receipt already in a ledger) are unchanged.
+# A receipt that carries a commitment (commitment.py) signs one more field; one with span-level
+# attribution signs the method and the credits after it. Receipts without them keep the struct above,
+# so their hashes (and every receipt already in a ledger) are unchanged.
+_COMMITMENT_FIELD = [{"name": "commitment", "type": "bytes32"}]
+_SPAN_FIELDS = [{"name": "spanMethod", "type": "string"}, {"name": "credits", "type": "SpanCredit[]"}]
+_SPAN_CREDIT = [
+    {"name": "adapterId", "type": "string"},
+    {"name": "datasetId", "type": "string"},
+    {"name": "contributor", "type": "address"},
+    {"name": "credit", "type": "uint64"},  # answer tokens credited (spans.span_credits)
+]
 EIP712_TYPES_COMMITTED: dict[str, list[dict[str, str]]] = {
-    **EIP712_TYPES, "Receipt": [*EIP712_TYPES["Receipt"], {"name": "commitment", "type": "bytes32"}],
+    **EIP712_TYPES, "Receipt": [*EIP712_TYPES["Receipt"], *_COMMITMENT_FIELD],
 }
 
 _DOMAIN_FIELDS = [{"name": "name", "type": "string"}, {"name": "version", "type": "string"}]
 _DOMAIN_WITH_CHAIN = [*_DOMAIN_FIELDS, {"name": "chainId", "type": "uint256"}]
+
+
+def _schema_for(chain: bool, commitment: bool, spans: bool) -> dict[str, list[dict[str, str]]]:
+    receipt = [*EIP712_TYPES["Receipt"], *(_COMMITMENT_FIELD if commitment else ()), *(_SPAN_FIELDS if spans else ())]
+    types = {"EIP712Domain": _DOMAIN_WITH_CHAIN if chain else _DOMAIN_FIELDS, **EIP712_TYPES, "Receipt": receipt}
+    if spans:
+        types["SpanCredit"] = _SPAN_CREDIT
+    return types
+
+
 # Module-level schema objects (eip712 caches type hashes per schema object; never mutate them).
-# Keyed by (has chain id, has commitment).
-_SCHEMAS = {
-    (False, False): {"EIP712Domain": _DOMAIN_FIELDS, **EIP712_TYPES},
-    (True, False): {"EIP712Domain": _DOMAIN_WITH_CHAIN, **EIP712_TYPES},
-    (False, True): {"EIP712Domain": _DOMAIN_FIELDS, **EIP712_TYPES_COMMITTED},
-    (True, True): {"EIP712Domain": _DOMAIN_WITH_CHAIN, **EIP712_TYPES_COMMITTED},
-}
+# Keyed by (has chain id, has commitment, has span attribution).
+_SCHEMAS = {(c, m, s): _schema_for(c, m, s) for c in (False, True) for m in (False, True) for s in (False, True)}
 
 
 @dataclass(frozen=True)
@@ -134,6 +151,16 @@ class DatasetLine:
     ref: str
     weight: int
     amount: int
+
+
+@dataclass(frozen=True)
+class SpanCredit:
+    """Answer tokens a contributor's text supplied within one dataset (span-level attribution)."""
+
+    adapter_id: str
+    dataset_id: str
+    contributor: str
+    credit: int
 
 
 @dataclass(frozen=True)
@@ -168,6 +195,8 @@ class Receipt:
     timestamp_ms: int
     prev_hash: str
     commitment: str = ""  # 0x + 64 hex: HMAC of input and output under the client's key; "" = none
+    span_method: str = ""  # e.g. "infini-gram;min_span=8;lambda_ppm=500000"; "" = fixed weights only
+    credits: tuple[SpanCredit, ...] = ()  # per (adapter, dataset, contributor) span credit
     chain_id: int = 0  # EIP-712 domain chainId; 0 = omitted
     signature: str = ""  # 0x + 130 hex
     receipt_hash: str = field(default="", compare=False)
@@ -182,6 +211,10 @@ class Receipt:
         d = {f: getattr(self, f) for f in _BODY_SCALARS}
         if not self.commitment:  # absent, not "": bodies of receipts without one stay as they were
             del d["commitment"]
+        if self.span_method:
+            d["credits"] = [c.__dict__.copy() for c in self.credits]
+        else:
+            del d["span_method"]
         d["adapters"] = [a.__dict__.copy() for a in self.adapters]
         d["datasets"] = [x.__dict__.copy() for x in self.datasets]
         d["payouts"] = [p.__dict__.copy() for p in self.payouts]
@@ -208,6 +241,7 @@ class Receipt:
         d["adapters"] = tuple(AdapterLine(**a) for a in d["adapters"])
         d["datasets"] = tuple(DatasetLine(**x) for x in d["datasets"])
         d["payouts"] = tuple(Payout(**p) for p in d["payouts"])
+        d["credits"] = tuple(SpanCredit(**c) for c in d.get("credits", ()))
         r = cls(**d)
         return replace(r, receipt_hash=receipt_hash or r.compute_hash())
 
@@ -238,8 +272,12 @@ class Receipt:
         }
         if self.commitment:
             msg["commitment"] = _bytes32(self.commitment)
+        if self.span_method:
+            msg["spanMethod"] = self.span_method
+            msg["credits"] = [{"adapterId": c.adapter_id, "datasetId": c.dataset_id, "contributor": c.contributor,
+                               "credit": c.credit} for c in self.credits]
         return {
-            "types": _SCHEMAS[(bool(self.chain_id), bool(self.commitment))],
+            "types": _SCHEMAS[(bool(self.chain_id), bool(self.commitment), bool(self.span_method))],
             "primaryType": "Receipt", "domain": domain, "message": msg,
         }
 
@@ -282,15 +320,19 @@ def _bytes32(text: str) -> bytes:
 
 
 _BODY_SCALARS = tuple(
-    f.name for f in fields(Receipt) if f.name not in ("adapters", "datasets", "payouts", "signature", "receipt_hash")
+    f.name for f in fields(Receipt)
+    if f.name not in ("adapters", "datasets", "payouts", "credits", "signature", "receipt_hash")
 )
 
 
 def compute_fee_lines(
     event: UsageEvent, manifests: list[Manifest], base_manifest: Manifest, operator: str,
+    data_weights: dict[tuple[str, str], dict[str, int]] | None = None,
 ) -> tuple[int, list[AdapterLine], list[DatasetLine], list[Payout]]:
     """Apply the fee rule (module docstring) to one event. `manifests[i]` belongs to
-    `event.adapters[i]`; `base_manifest` prices base-only requests. Returns fee and lines."""
+    `event.adapters[i]`; `base_manifest` prices base-only requests. `data_weights`: (adapter id,
+    dataset id) -> lower-cased contributor address -> the integer weight its data amount is split by, in place of
+    the manifest's (span-level attribution). Returns fee and lines."""
     for name in ("prompt_tokens", "cached_tokens", "completion_tokens"):
         v = getattr(event, name)
         if not isinstance(v, int) or v < 0:
@@ -323,7 +365,8 @@ def compute_fee_lines(
         ds_amts = split_exact(data_amt, [d.weight for d in m.datasets], [name_id(d.id) for d in m.datasets])
         for ds, ds_amt in zip(m.datasets, ds_amts):
             datasets.append(DatasetLine(use.adapter_id, ds.id, ds.ref, ds.weight, ds_amt))
-            c_amts = split_exact(ds_amt, [c.weight for c in ds.contributors],
+            spanned = (data_weights or {}).get((use.adapter_id, ds.id))
+            c_amts = split_exact(ds_amt, [spanned[c.address.lower()] if spanned else c.weight for c in ds.contributors],
                                  [c.address.lower() for c in ds.contributors])
             for c, amt in zip(ds.contributors, c_amts):
                 payouts.append(Payout(c.address, "data", f"{use.adapter_id}/{ds.id}", amt))
@@ -333,10 +376,12 @@ def compute_fee_lines(
 def build_receipt(
     event: UsageEvent, *, seq: int, node: str, operator: str, manifests: list[Manifest],
     base_manifest: Manifest, prev_hash: str, sign: Callable[[SignableMessage], bytes],
-    base_model: str = "", base_model_hash: str = "", chain_id: int = 0,
+    base_model: str = "", base_model_hash: str = "", chain_id: int = 0, span_method: str = "",
+    data_weights: dict[tuple[str, str], dict[str, int]] | None = None, credits: tuple[SpanCredit, ...] = (),
 ) -> Receipt:
-    """Turn a usage event into a signed receipt (see the module docstring for the fee rule)."""
-    fee, adapters, datasets, payouts = compute_fee_lines(event, manifests, base_manifest, operator)
+    """Turn a usage event into a signed receipt (see the module docstring for the fee rule); with
+    span-level attribution, its method, blended data weights and credits (span_service)."""
+    fee, adapters, datasets, payouts = compute_fee_lines(event, manifests, base_manifest, operator, data_weights)
     assert sum(p.amount for p in payouts) == fee, "split does not sum to the fee"
     ts = event.finish_time or time.time()
     unsigned = Receipt(
@@ -348,7 +393,7 @@ def build_receipt(
         completion_tokens=event.completion_tokens, status=event.status,
         merge=json.dumps(event.merge, sort_keys=True, separators=(",", ":")) if event.merge else "",
         fee=fee, timestamp_ms=int(round(ts * 1000)), prev_hash=prev_hash, commitment=event.commitment,
-        chain_id=chain_id,
+        span_method=span_method, credits=credits, chain_id=chain_id,
     )
     sm = unsigned.signable()
     digest = "0x" + eip712.digest(sm).hex()

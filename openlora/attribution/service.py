@@ -84,6 +84,9 @@ class AttributionService:
         self._queue: list[tuple[int, Receipt]] = []
         self._inflight: dict[str, tuple[int, Receipt]] = {}
         self._failed: dict[int, BaseException] = {}
+        # Span-level attribution (span_service.SpanAttributor), set by the server once it has the
+        # model's tokenizer; None: every dataset keeps its fixed contributor weights.
+        self.spans: Any = None
 
     # -------------------------------------------------------------------------------- manifests
 
@@ -111,6 +114,8 @@ class AttributionService:
         """Price `adapter_id` by `m` (from check_manifest) from now on."""
         with self._lock:
             self._manifests[adapter_id] = m
+        if self.spans is not None:
+            self.spans.prepare(m)  # its datanets' indexes build in the background
 
     def pin_version(self, adapter_id: str, content_hash: str, manifest: Manifest | None = None) -> None:
         """Keep `manifest` (default: the one now in effect for `adapter_id`) for the content
@@ -152,6 +157,8 @@ class AttributionService:
         self._check_base(adapter_id, m)
         with self._lock:
             self._manifests.setdefault(adapter_id, m)
+        if self.spans is not None:
+            self.spans.prepare(m)
         return m
 
     def manifest_for_base(self) -> Manifest:
@@ -189,7 +196,18 @@ class AttributionService:
         Returns only after the receipt is durable. Raises InvalidRequest for a malformed event
         and LedgerError if the commit failed.
         """
+        return self.record_attributed(event)[0]
+
+    def record_attributed(self, event: UsageEvent, spans: bool = True) -> tuple[Receipt, list[dict[str, Any]] | None]:
+        """`record`, with span-level attribution of the answer when its adapters' datanets are indexed
+        (and `spans`: the request did not opt out). Also returns the spans found, for the caller only
+        (None when no span attribution ran)."""
         manifests = [self._served_manifest(a.adapter_id, a.content_hash) for a in event.adapters]
+        outcome = None
+        if spans and self.spans is not None and event.adapters and event.status == "finished":
+            # Off the lock: matching is the slow part, and it reads nothing the lock guards.
+            outcome = self.spans.attribute([a.adapter_id for a in event.adapters], manifests,
+                                           [list(t) for t in event.output_token_ids])
         with self._lock:
             hit = self._inflight.get(event.request_id)
             if hit is not None:
@@ -197,12 +215,14 @@ class AttributionService:
             else:
                 existing = self.ledger.get_by_request_id(event.request_id)
                 if existing is not None:
-                    return existing
+                    return existing, None
                 receipt = build_receipt(
                     event, seq=self._seq + 1, node=self.identity.address, operator=self.operator,
                     manifests=manifests, base_manifest=self._base_manifest, prev_hash=self._head,
                     sign=self.identity.sign, base_model=self.base_model_id,
                     base_model_hash=self.base_model_hash, chain_id=self.chain_id,
+                    span_method=outcome.method if outcome else "", data_weights=outcome.weights if outcome else None,
+                    credits=outcome.credits if outcome else (),
                 )
                 self._seq, self._head = receipt.seq, receipt.receipt_hash
                 self._ticket += 1
@@ -210,7 +230,7 @@ class AttributionService:
                 self._queue.append((ticket, receipt))
                 self._inflight[event.request_id] = (ticket, receipt)
         self._flush(ticket)
-        return receipt
+        return receipt, (outcome.spans if outcome else None)
 
     def _flush(self, ticket: int) -> None:
         """Make sure `ticket` is committed: commit the whole queue if nobody has yet."""

@@ -8,7 +8,9 @@ with them on a local chain). They are demo keys: never send anything of value to
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from eth_account import Account
 from eth_utils import keccak
@@ -60,12 +62,32 @@ def manifest_for(a: DemoAdapter) -> dict:
         "base_model": DEMO_MODEL_ID,
         "datasets": [{
             "id": f"openlora-demo-{a.name}",
-            "uri": f"openlora/demo/data/{a.name}.jsonl",
             "contributors": [{"address": demo_address(f"contributor/{seed}"), "weight": w}
                              for seed, w in a.contributors],
+            # the datanet's texts (span-level attribution): its hash becomes the dataset's content hash
+            "contributions": CONTRIBUTIONS_FILE,
         }],
         "price_per_1k_prompt_tokens": a.price_prompt,
         "price_per_1k_completion_tokens": a.price_completion,
         "split": {"operator": op, "owner": owner, "data": data},
         "access": "public",
     }
+
+
+CONTRIBUTIONS_FILE = "contributions.jsonl"
+
+
+def contributions_for(a: DemoAdapter, data: Path) -> list[dict]:
+    """The demo datanet's contributions: each assistant answer of the adapter's training file
+    (openlora/demo/data/<name>.jsonl), given by its contributors in turn, as many per cycle as their
+    weight (pirate: ahab, ahab, ahab, bonny, bonny, ahab, ...)."""
+    turns = [demo_address(f"contributor/{seed}") for seed, w in a.contributors for _ in range(w)]
+    lines = [json.loads(line) for line in (data / f"{a.name}.jsonl").read_text().splitlines() if line.strip()]
+    return [{"contributor": turns[i % len(turns)], "text": ex["assistant"]} for i, ex in enumerate(lines)]
+
+
+def write_attribution(a: DemoAdapter, adapter_dir: Path, data: Path) -> None:
+    """Write attribution.json and contributions.jsonl beside adapter `a`'s PEFT files."""
+    (adapter_dir / "attribution.json").write_text(json.dumps(manifest_for(a), indent=2) + "\n")
+    rows = contributions_for(a, data)
+    (adapter_dir / CONTRIBUTIONS_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from openlora.demo import ADAPTERS_DIR, DATA_DIR, ensure_demo_model
-from openlora.demo.manifests import ADAPTERS, DEMO_MODEL_ID, manifest_for
+from openlora.demo.manifests import ADAPTERS, DEMO_MODEL_ID, write_attribution
 
 logger = logging.getLogger("openlora.demo.train")
 
@@ -101,7 +101,7 @@ def train_one(model_dir: Path, name: str, out: Path, epochs: int, lr: float, bat
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card template, empty here
     spec = next(a for a in ADAPTERS if a.name == name)
-    (out / "attribution.json").write_text(json.dumps(manifest_for(spec), indent=2) + "\n")
+    write_attribution(spec, out, DATA_DIR)
     for f in out.iterdir():
         f.chmod(0o644)  # safetensors writes 0600; these files ship in the wheel
     return loss_v

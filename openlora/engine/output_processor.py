@@ -139,6 +139,7 @@ class OutputProcessor:
             finish_time=time.time(),
             # Only a finished request's text is what the client received in full: commit to that alone.
             commitment=g.seal([d.output_text for d in g.detoks]) if g.seal and status == "finished" else "",
+            output_token_ids=tuple(tuple(c.output_token_ids) for c in g.children),
         )
         for fn in listeners:
             try:

@@ -121,6 +121,10 @@ def build_state(opts: ServeOptions) -> ServerState:
         engine.usage_listeners.append(lambda ev: limits.charge(ev.tenant, ev.prompt_tokens + ev.completion_tokens))
     if opts.attribution:
         state.attribution = _open_attribution(opts, model_id, engine.base_model_hash)
+        from openlora.attribution.span_service import SpanAttributor
+        from openlora.config import cache_dir
+
+        state.attribution.spans = SpanAttributor(engine.tokenizer, cache_dir() / "span_index")
         state.receipts = ReceiptHook(state.attribution, metrics)
         engine.usage_listeners.append(state.receipts)
         base = state.attribution.manifest_for_base()

@@ -34,6 +34,13 @@ class AdapterWeight(_Wire):
     weight: float = Field(1.0, ge=-100.0, le=100.0)
 
 
+class AttributionOptions(_Wire):
+    """The `attribution` extension: per-request attribution choices."""
+
+    spans: bool = Field(True, description="Match the answer against the adapters' datanets (span-level "
+                                          "attribution); false: the manifest's fixed contributor weights.")
+
+
 class _Extensions(_Wire):
     """OpenLoRA extensions shared by both endpoints. Listed as the *first* base of each request
     model so pydantic (which collects fields in reverse MRO) puts them after OpenAI's fields."""
@@ -55,6 +62,9 @@ class _Extensions(_Wire):
         description="Narrows this request's prefix-cache namespace (as vLLM's cache_salt). The server always "
                     "scopes the cache to the caller's tenant; a salt can only split it further, never join "
                     "another tenant's.")
+    attribution: AttributionOptions | None = Field(
+        None, description='Attribution options: {"spans": false} keeps the fixed contributor weights '
+                          "(no span-level matching of the answer against the adapters' datanets).")
     commit: bool = Field(
         False, description="Sign a commitment to this request's input and output into its receipt: an "
                            "HMAC-SHA256 under a fresh key returned only in this response (`attribution."

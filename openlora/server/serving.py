@@ -107,7 +107,8 @@ class _Run:
             self.commit_key = commitment.new_key()
         try:
             for rid, p, inp in zip(self.request_ids(len(prompts)), prompts, inputs):
-                self.receipts[rid] = st.receipts.expect(rid) if st.receipts else None
+                spans = body.attribution is None or body.attribution.spans
+                self.receipts[rid] = st.receipts.expect(rid, spans=spans) if st.receipts else None
                 seal = commitment.sealer(self.commit_key, inp) if self.commit_key else None
                 try:
                     await st.engine.add_request(rid, p, params, adapters=adapters, tenant=tenant, merge=merge,

@@ -35,31 +35,41 @@ class ReceiptHook:
         self.metrics = metrics
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attribution")
         self._pending: dict[str, Future] = {}
+        self._no_spans: set[str] = set()  # requests that opted out of span-level attribution
         self._lock = Lock()
         self.on_recorded: list = []  # callbacks(request_id) once a receipt is in the ledger (or failed)
 
-    def expect(self, request_id: str) -> Future:
-        """Called before the request is queued: the future its summary will arrive on."""
+    def expect(self, request_id: str, spans: bool = True) -> Future:
+        """Called before the request is queued: the future its summary will arrive on. `spans`: False
+        when the request opted out of span-level attribution (its datasets keep their fixed weights)."""
         fut: Future = Future()
         with self._lock:
             self._pending[request_id] = fut
+            if not spans:
+                self._no_spans.add(request_id)
         return fut
 
     def discard(self, request_id: str) -> None:
         """The request was never queued (rejected): no event will come."""
         with self._lock:
             self._pending.pop(request_id, None)
+            self._no_spans.discard(request_id)
         for cb in self.on_recorded:
             cb(request_id)
 
     def __call__(self, event: UsageEvent) -> None:  # engine thread: must not block
         with self._lock:
             fut = self._pending.pop(event.request_id, None)
-        self.pool.submit(self._record, event, fut)
+            spans = event.request_id not in self._no_spans
+            self._no_spans.discard(event.request_id)
+        self.pool.submit(self._record, event, fut, spans)
 
-    def _record(self, event: UsageEvent, fut: Future | None) -> None:
+    def _record(self, event: UsageEvent, fut: Future | None, spans: bool = True) -> None:
         try:
-            summary = self.service.record(event).summary()
+            receipt, found = self.service.record_attributed(event, spans=spans)
+            summary = receipt.summary()
+            if found is not None:  # token offsets of the reproduced spans: for this caller only
+                summary["spans"] = found
         except Exception as e:  # the request already ran; report and keep going
             log.exception("recording the receipt of %s failed", event.request_id)
             if fut is not None:

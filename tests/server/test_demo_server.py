@@ -66,3 +66,41 @@ def test_serve_refuses_a_corrupt_gguf_with_a_clear_error(tmp_path):
     assert run.returncode == 2, run.stderr[-2000:]
     assert f"cannot serve: {bad} is not a readable GGUF file" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_an_answer_quoting_a_datanet_credits_its_contributor(client, demo_server):
+    """Span-level attribution through the demo: asked to repeat a French training answer, the french
+    adapter reproduces it; the receipt credits that text's contributor (the largest data payout) and the
+    response names the span. The datanets' indexes build in the background at start-up: wait for them."""
+    import json
+    import time
+
+    from openlora.demo import manifests
+
+    french = next(a for a in ADAPTERS if a.name == "french")
+    first = manifests.contributions_for(french, manifests_data())[0]
+    msgs = [{"role": "user", "content": "Repeat exactly, word for word: " + first["text"]}]
+    deadline = time.monotonic() + 120
+    while True:
+        r = client.chat.completions.create(model="french", messages=msgs, max_tokens=48, temperature=0)
+        att = r.model_extra["attribution"]
+        if "spans" in att or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert att.get("spans"), att
+    assert first["contributor"].lower() in att["spans"][0]["contributors"]
+    receipt = httpx.get(f"{demo_server.base_url}/receipts/{att['receipt_id']}", timeout=10).json()
+    assert receipt["span_method"].startswith("infini-gram;french:min_span=")
+    credits = {c["contributor"]: c["credit"] for c in receipt["credits"]}
+    assert credits[first["contributor"]] == max(credits.values()) >= 8, credits
+    data = {p["recipient"]: p["amount"] for p in receipt["payouts"] if p["role"] == "data"}
+    assert max(data, key=data.get) == first["contributor"], data
+    assert json.dumps(receipt).find(first["text"][:40]) < 0  # the text itself is not in the receipt
+
+
+def manifests_data():
+    from pathlib import Path
+
+    import openlora.demo
+
+    return Path(openlora.demo.__file__).parent / "data"
