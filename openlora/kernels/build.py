@@ -175,12 +175,13 @@ def try_build(load, label: str, fallback: str) -> bool:
 
 def _loaders() -> dict:
     """label -> (loader, whether this CPU can use it), longest build first."""
-    from openlora.kernels import attention_cpu, cpu, decoder, fused_ops, gemm
+    from openlora.kernels import attention_cpu, cpu, decoder, fused_ops, gemm, quant_gemm
 
     return {"decoder loop": (decoder.load_extension, True),  # the unity build of all of them: the longest
             "SGMV": (cpu.load_extension, True), "paged attention": (attention_cpu.load_extension, True),
             "fused ops": (fused_ops.load_extension, True), "AVX-512 GEMM": (gemm.F32.load_extension, True),
-            "AMX GEMM": (gemm.AMX.load_extension, gemm.AMX.cpu_supported())}
+            "AMX GEMM": (gemm.AMX.load_extension, gemm.AMX.cpu_supported()),
+            "quantized GEMM": (quant_gemm.load_extension, True)}
 
 
 def _build_one(label: str) -> bool:
