@@ -27,10 +27,12 @@ def build_engine_config(model: str | None = None, *, dtype: str = EngineConfig.d
                         max_lora_rank: int = LoRAConfig.max_lora_rank, lora_pool_rows: int | None = None,
                         max_adapter_bytes: int = LoRAConfig.max_adapter_bytes,
                         num_threads: int | None = None, max_waiting: int = SchedulerConfig.max_waiting,
-                        seed: int = EngineConfig.seed, kernels: KernelConfig | str | None = None) -> EngineConfig:
+                        seed: int = EngineConfig.seed, kernels: KernelConfig | str | None = None,
+                        quantization: str | None = None) -> EngineConfig:
     """Engine options -> EngineConfig (the defaults are the config dataclasses', which also validate).
     No model means the built-in demo model (SmolLM2-135M-Instruct). `kernels` forces kernel choices:
-    a KernelConfig or its text form ('lora=torch,layer_loop=python'); None: all auto."""
+    a KernelConfig or its text form ('lora=torch,layer_loop=python'); None: all auto. `quantization`
+    keeps the base projections quantized ("w8a16", "w4a16", "w8a8": openlora.model.quant_linear)."""
     import torch
 
     if model is None:
@@ -47,7 +49,7 @@ def build_engine_config(model: str | None = None, *, dtype: str = EngineConfig.d
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, mml, max_waiting),
         lora=LoRAConfig(max_loras, max_cpu_loras, max_lora_rank, lora_pool_rows, max_adapter_bytes),
         kernels=KernelConfig.parse(kernels) if isinstance(kernels, str) else (kernels or KernelConfig()),
-        num_threads=num_threads, seed=seed,
+        num_threads=num_threads, seed=seed, quantization=quantization,
     )
 
 

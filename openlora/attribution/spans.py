@@ -35,8 +35,9 @@ from openlora.errors import InvalidRequest
 #   license texts (/usr/share/...)         8.8%   1.5%   0.55%  0.0%   0.0%   0.0%
 #   stdlib docstrings (same domain)       15.4%   4.0%   0.35%  0.15%  0.1%   0.05%
 # The smallest k under 1% for every set is 5. Chance grows with the datanet: the chat answers against
-# stdlib/site-packages source of 10^5 / 10^6 / 10^7 tokens give k=5: 0.1% / 0.5% / 1.3% and k=6:
-# 0.0% / 0.2% / 0.7%. We take 6: rare (< 1%) for all measured text up to 10^7-token datanets.
+# Python source datanets (stdlib, then site-packages) of 10^5 / 10^6 / 10^7 tokens give k=4: 0.3% / 1.1% /
+# 3.05%, k=5: 0.0% / 0.0% / 1.05%, k=6: 0.05% / 0.05% / 0.25%. We take 6: rare (< 1%) for all measured
+# text up to 10^7-token datanets, where 5 is not.
 DEFAULT_MIN_SPAN = 6
 
 # NOTE: lambda is a policy, not a measurement: half of the data portion follows the manifest's agreed

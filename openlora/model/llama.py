@@ -100,6 +100,7 @@ class LlamaModel(nn.Module):
         # The layer loop in C++ for row-wise steps, LoRA included (openlora.kernels.decoder), over the KV
         # caches and weights it was bound to (bind_kv_cache); None unless the kernel plan chose it.
         self.stack = None
+        self.quantization: str | None = None  # set by load_weights (openlora.model.quant_linear)
         self._stack_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def bind_kv_cache(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -107,6 +108,8 @@ class LlamaModel(nn.Module):
         when the kernel plan chose it (layer_loop=cpp: CPU, our packed GEMM, the fused-ops and paged
         attention extensions); the runner then sends it the steps it can take (ForwardContext.cpp_loop)."""
         c = self.cfg
+        if self.quantization:  # the C++ loop runs packed float weights only
+            return
         stack = decoder.load_extension().DecoderStack(
             self.layers[0].qkv.backend, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
             c.rms_norm_eps, c.head_dim ** -0.5, c.sliding_window or 0, self.norm)
@@ -148,12 +151,21 @@ class LlamaModel(nn.Module):
         return out.float() if fp32 else out
 
     @torch.no_grad()
-    def load_weights(self, reader: CheckpointReader, backend: str) -> None:
+    def load_weights(self, reader: CheckpointReader, backend: str, quantization: str | None = None) -> None:
         """Copy checkpoint tensors in, fusing q/k/v and gate/up, packed for the linear `backend`
         (openlora.model.linear). Drops the C++ layer loop, which holds the previous packed weights:
         bind_kv_cache builds it again."""
         self.stack, self._stack_kv = None, None
+        self.quantization = quantization
         g = reader.get
+
+        def proj(w: torch.Tensor, bias: torch.Tensor | None):  # a base projection, quantized if asked
+            if quantization is None:
+                return Linear(w, bias, backend)
+            from openlora.model.quant_linear import QuantLinear, quantize_for
+
+            return QuantLinear(quantize_for(quantization, w.float()), bias, quantization)
+
         self.embed.copy_(g("model.embed_tokens.weight"))
         self.norm.copy_(g("model.norm.weight"))
         if not self.cfg.tie_word_embeddings:
@@ -165,18 +177,19 @@ class LlamaModel(nn.Module):
             dev = self.embed.device
             bias = (torch.cat([g(p + f"self_attn.{n}_proj.bias") for n in "qkv"]).to(dev)
                     if self.cfg.attention_bias else None)
-            layer.qkv = Linear(torch.cat([g(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).to(dev), bias, backend)
-            layer.o = Linear(g(p + "self_attn.o_proj.weight").to(dev), None, backend)
-            layer.gate_up = Linear(torch.cat([g(p + "mlp.gate_proj.weight"), g(p + "mlp.up_proj.weight")]).to(dev),
-                                   None, backend)
-            layer.down = Linear(g(p + "mlp.down_proj.weight").to(dev), None, backend)
+            layer.qkv = proj(torch.cat([g(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).to(dev), bias)
+            layer.o = proj(g(p + "self_attn.o_proj.weight").to(dev), None)
+            layer.gate_up = proj(torch.cat([g(p + "mlp.gate_proj.weight"), g(p + "mlp.up_proj.weight")]).to(dev),
+                                 None)
+            layer.down = proj(g(p + "mlp.down_proj.weight").to(dev), None)
         self.lm_head_proj = Linear(self.lm_head.detach(), None, backend)
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, linear: str) -> LlamaModel:
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, linear: str,
+               quantization: str | None = None) -> LlamaModel:
     """Build the model on `device` and load its checkpoint, packed for the linear backend `linear`."""
     reader = CheckpointReader(cfg.path, dtype)
     with torch.device(device):
         model = LlamaModel(cfg, dtype)
-    model.load_weights(reader, linear)
+    model.load_weights(reader, linear, quantization)
     return model.eval()

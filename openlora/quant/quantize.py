@@ -2,6 +2,7 @@
 
 Both schemes are symmetric (zero point 0, no min), so W = scale * q:
     int8 per output channel: scale[n] = max|W[n, :]| / 127, q = round(W / scale) in [-127, 127]
+    int8 in groups of g:     scale[n, j] = max|W[n, jg:(j+1)g]| / 127 (same codes range)
     int4 in groups of g:     scale[n, j] = max|W[n, jg:(j+1)g]| / 7, q = round(W / scale) in [-8, 7]
 `round` is round-half-to-even (torch.round). An all-zero row or group gets scale 0 and codes 0.
 The division runs in fp32 (the weight is widened first), so results do not depend on the stored dtype
@@ -35,6 +36,18 @@ def quantize_int8_per_channel(w: torch.Tensor) -> QuantWeight:
     w = _check(w)
     scale = w.abs().amax(dim=1, keepdim=True) / 127  # [N, 1]
     return QuantWeight(q=_codes(w, scale, -127, 127), scale=scale, zero=None, bits=8, group=w.shape[1])
+
+
+def quantize_int8_groups(w: torch.Tensor, group: int = 128) -> QuantWeight:
+    """W [N, K] float -> int8 codes (-127..127) with one fp32 scale per row and `group` columns."""
+    w = _check(w)
+    n, k = w.shape
+    if group <= 0 or k % group:
+        raise ValueError(f"in features {k} are not a multiple of the group size {group}")
+    wg = w.view(n, k // group, group)
+    scale = wg.abs().amax(dim=2, keepdim=True) / 127  # [N, G, 1]
+    q = _codes(wg, scale, -127, 127).view(n, k)
+    return QuantWeight(q=q, scale=scale.view(n, k // group), zero=None, bits=8, group=group)
 
 
 def quantize_int4_groups(w: torch.Tensor, group: int = 128) -> QuantWeight:

@@ -8,7 +8,15 @@ import logging
 import re
 import signal
 
-from openlora.config import DTYPES, KERNEL_CHOICES, CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
+from openlora.config import (
+    DTYPES,
+    KERNEL_CHOICES,
+    QUANTIZATIONS,
+    CacheConfig,
+    EngineConfig,
+    LoRAConfig,
+    SchedulerConfig,
+)
 
 log = logging.getLogger("openlora.server")
 
@@ -59,6 +67,9 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default=EngineConfig.dtype, choices=DTYPES)
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="keep the base projections quantized: int8 weights (w8a16), int4 groups (w4a16), or int8 "
+                        "weights and activations (w8a8); adapters stay exact on top")
     p.add_argument("--max-loras", type=int, default=LoRAConfig.max_loras,
                    help="adapters resident on the device at once")
     p.add_argument("--max-cpu-loras", type=int, default=LoRAConfig.max_cpu_loras, help="adapters cached in host memory")
@@ -161,7 +172,8 @@ def run_serve(args: argparse.Namespace) -> int:
                     max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                     kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                     scrub_freed_memory=not args.no_scrub,
-                    num_threads=args.num_threads, max_waiting=args.max_waiting, kernels=args.kernels),
+                    num_threads=args.num_threads, max_waiting=args.max_waiting, kernels=args.kernels,
+                    quantization=args.quantization),
         max_waiting=args.max_waiting, api_keys=keys, admin_key=args.admin_key,
         share_groups={kid: name for name, ids in args.share_prefix_cache for kid in ids},
         adapter_roots=args.adapter_root, adapter_kinds=tuple(k.strip() for k in args.adapter_sources.split(",")),

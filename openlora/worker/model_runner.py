@@ -63,7 +63,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
         self.plan: KernelPlan = select_kernels(config.kernels, self.device, self.dtype)
-        self.model: LlamaModel = load_model(config.model, self.dtype, self.device, self.plan.linear)
+        self.model: LlamaModel = load_model(config.model, self.dtype, self.device, self.plan.linear,
+                                            config.quantization)
         m, bs = config.model, config.cache.block_size
         self.block_size = bs
         # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
@@ -79,6 +80,8 @@ class ModelRunner:
             lora.use_base(ServedProjections(self.model))
         # Tests set this to a list to receive (request_id, fp32 logits [vocab]) of every sampled row.
         self.capture_logits: list[tuple[str, torch.Tensor]] | None = None
+        # Tests and accuracy checks: (request id, fp32 [rows, vocab]) of every prompt-logprob chunk.
+        self.capture_prompt_logits: list[tuple[str, torch.Tensor]] | None = None
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs,
                  self.kv.numel() * self.kv.element_size() / 2**20)
 
@@ -232,6 +235,8 @@ class ModelRunner:
                 wide = head_logits(lg, hidden, list(range(q0, q0 + cnt)), head, vocab)
                 if wide:  # an adapter with added tokens: every row of this request is wide
                     lg = torch.stack([wide[i] for i in range(cnt)]).float()
+            if self.capture_prompt_logits is not None:
+                self.capture_prompt_logits.append((req.request_id, lg.to(torch.float32, copy=True)))
             targets = req.prompt_token_ids[s.start + 1:s.start + 1 + cnt]
             res.prompt_logprobs[req.request_id] = compute_prompt_logprobs(lg, targets,
                                                                           req.sampling_params.prompt_logprobs)

@@ -250,3 +250,15 @@ def test_bad_inputs() -> None:
         qg.linear(torch.randn(2, 64), packed, torch.randn(31))
     with pytest.raises(RuntimeError, match="2-D fp32 or bf16"):
         qg.linear(torch.randn(2, 64).half(), packed)
+
+
+@pytest.mark.parametrize("mode", ["w8a16", "w4a16", "w8a8"])
+@pytest.mark.parametrize("isa", ["", "scalar"])
+def test_a_row_is_bit_identical_alone_or_in_any_batch(mode: str, isa: str) -> None:
+    """Batch invariance: each output row's sums run in one fixed order, whatever M is."""
+    w, x, b = data(13, 576, 200, seed=5)
+    qw = q8_channel(w) if mode != "w4a16" else q4(w, 64, "asym")
+    packed = qg.pack(qw, mode)
+    full = qg.linear(x, packed, b, isa=isa)
+    for lo, hi in ((0, 1), (3, 4), (2, 7), (5, 13)):
+        assert torch.equal(full[lo:hi], qg.linear(x[lo:hi].contiguous(), packed, b, isa=isa)), (lo, hi)

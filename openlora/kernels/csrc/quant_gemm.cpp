@@ -193,13 +193,14 @@ inline void load_codes(const uint8_t* p, __m256& q0, __m256& q1) {
   }
 }
 
-// MR rows x 16 columns of one block: sums in registers, then out += s * sum + c * xsum. With few rows the
-// k loop is unrolled U times into separate sums, so that enough independent FMA chains are in flight
-// (latency 4-5, two issues per cycle: a single row's two chains would run at a quarter of the rate).
+// MR rows x 16 columns of one block: sums in registers, then out += s * sum + c * xsum.
+// NOTE: one FMA chain per output over k, whatever MR is: a row's sums must not depend on how many rows
+// share its call (batch invariance: a request's logits are bit-identical alone or in any batch). Splitting
+// k into U interleaved sums for small MR (more chains in flight at batch 1) changed the rounding with M.
 template <bool W4, int MR>
 inline void micro_a16(const float* x, int64_t ldx, const uint8_t* codes, int64_t bytes_k, int64_t steps,
                       const float* s, const float* c, const float* xsum, int64_t ldxs, float* out) {
-  constexpr int U = MR >= 4 ? 1 : MR >= 2 ? 2 : 4;
+  constexpr int U = 1;
   __m256 acc[U][MR][2];
   for (int u = 0; u < U; ++u)
     for (int m = 0; m < MR; ++m) acc[u][m][0] = acc[u][m][1] = _mm256_setzero_ps();
