@@ -8,6 +8,12 @@ Adapters are written on the fly: random PEFT-format LoRA weights, r=8 on q_proj 
 Every request streams (SSE) `--max-tokens` tokens (ignore_eos) from a random prompt of
 `--prompt-len` token ids, round-robin over the adapters. Prints JSON: requests/s, tokens/s, TTFT and
 inter-token latency p50/p99, and `ratio_vs_offline` = HTTP tokens/s / offline tokens/s (target >= 0.85).
+
+Span-level attribution's cost (`--datanet-tokens N --spans-ab`): every adapter gets a manifest whose
+dataset holds N tokens of English contributions (Python's reference docs, three contributors), and the
+requests alternate between span matching on and opted out (`"attribution": {"spans": false}`) in the same
+run; the receipt (matching included) is awaited before a stream's last event, so the end-to-end latency
+of the two halves gives the share of a request's time that matching adds (`span_share`).
 """
 
 from __future__ import annotations
@@ -101,10 +107,13 @@ async def run_http(args, url: str, work, server_pid: int, warm_up: bool) -> dict
 
     sem = asyncio.Semaphore(args.clients)
     ttft, itl, tokens = [], [], [0]
+    e2e: dict[bool, list[float]] = {True: [], False: []}  # end-to-end seconds, span matching on / off
 
-    async def one(session: aiohttp.ClientSession, prompt: list[int], adapter: str) -> None:
+    async def one(session: aiohttp.ClientSession, prompt: list[int], adapter: str, spans: bool = True) -> None:
         body = {"model": adapter, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0.0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        if not spans:
+            body["attribution"] = {"spans": False}
         async with sem:
             t0 = time.perf_counter()
             last = None
@@ -126,6 +135,7 @@ async def run_http(args, url: str, work, server_pid: int, warm_up: bool) -> dict
                         else:
                             itl.append(now - last)
                         last = now
+            e2e[spans].append(time.perf_counter() - t0)
 
     conn = aiohttp.TCPConnector(limit=args.clients + 8)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
@@ -134,14 +144,49 @@ async def run_http(args, url: str, work, server_pid: int, warm_up: bool) -> dict
             ttft.clear(), itl.clear()
             tokens[0] = 0
         t, own, srv = time.perf_counter(), time.process_time(), _proc_cpu_s(server_pid)
-        await asyncio.gather(*(one(session, p, a) for p, a in work))
+        await asyncio.gather(*(one(session, p, a, not (args.spans_ab and i % 2)) for i, (p, a) in enumerate(work)))
         dt = time.perf_counter() - t
         srv, own = _proc_cpu_s(server_pid) - srv, time.process_time() - own
     # CPU seconds of the server process and of this load generator over the timed part (2 cores:
     # at most 2 * seconds between them); the offline run's CPU seconds are its ceiling.
     return {"seconds": dt, "server_cpu_s": srv, "client_cpu_s": own, "tokens": tokens[0],
             "tokens_per_s": tokens[0] / dt, "requests_per_s": len(work) / dt, "ttft_ms": _pcts(ttft),
-            "itl_ms": _pcts(itl)}
+            "itl_ms": _pcts(itl), **_span_share(e2e)}
+
+
+def _span_share(e2e: dict[bool, list[float]]) -> dict:
+    """Mean end-to-end ms with span matching on and off, and the share of the on-requests' time it adds."""
+    if not (e2e[True] and e2e[False]):
+        return {}
+    on, off = (1e3 * sum(v) / len(v) for v in (e2e[True], e2e[False]))
+    return {"e2e_ms_spans_on": round(on, 1), "e2e_ms_spans_off": round(off, 1), "span_share": round((on - off) / on, 4)}
+
+
+def write_datanet(adapters: list[Path], tokens: int, tokenizer_dir: Path) -> None:
+    """Give every adapter a manifest whose dataset holds about `tokens` tokens of English contributions."""
+    import pydoc_data.topics
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    owners = ["0x" + f"{i + 1:040x}" for i in range(4)]
+    texts, n = [], 0
+    for i, text in enumerate(pydoc_data.topics.topics.values()):
+        if n >= tokens:
+            break
+        texts.append({"contributor": owners[1 + i % 3], "text": text})
+        n += len(tok(text, add_special_tokens=False)["input_ids"])
+    rows = "".join(json.dumps(t) + "\n" for t in texts)
+    from openlora.server.app import model_id_for
+
+    manifest = {"owner": owners[0], "version": "1", "base_model": model_id_for(str(tokenizer_dir)),
+                "datasets": [{"id": "docs", "contributors": [{"address": a, "weight": 1} for a in owners[1:]],
+                              "contributions": "contributions.jsonl"}],
+                "price_per_1k_prompt_tokens": 1000, "price_per_1k_completion_tokens": 3000,
+                "split": {"operator": 2000, "owner": 5000, "data": 3000}}
+    for a in adapters:
+        (a / "contributions.jsonl").write_text(rows)
+        (a / "attribution.json").write_text(json.dumps(manifest))
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -199,12 +244,17 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--rounds", type=int, default=3, help="offline/HTTP round pairs (median ratio reported)")
     ap.add_argument("--attribution", action="store_true", help="serve with receipts (default off: engine vs engine)")
+    ap.add_argument("--datanet-tokens", type=int, default=0, help="give every adapter a datanet of about N tokens")
+    ap.add_argument("--spans-ab", action="store_true", help="alternate span matching on and off (module docstring)")
     args = ap.parse_args()
+    args.attribution |= bool(args.datanet_tokens)
     model = Path(args.model) if args.model else smol_model_dir()
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     with tempfile.TemporaryDirectory(prefix="serve_load_") as td:
         tmp = Path(td)
         adapters = make_adapters(model, tmp / "adapters", args.adapters)
+        if args.datanet_tokens:
+            write_datanet(adapters, args.datanet_tokens, model)
         work = workload(args, vocab)
         # Rounds alternate offline and HTTP so both see the same machine (this VM's speed drifts by
         # 20-30% over minutes); the ratio reported is the median of the per-round ratios.
@@ -226,7 +276,8 @@ def main() -> None:
           "requests": args.requests, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
           "dtype": args.dtype, "attribution": args.attribution, "rounds": args.rounds,
           "requests_per_s": http["requests_per_s"], "tokens_per_s": http["tokens_per_s"],
-          "ttft_ms": http["ttft_ms"], "itl_ms": http["itl_ms"],
+          "ttft_ms": http["ttft_ms"], "itl_ms": http["itl_ms"], "datanet_tokens": args.datanet_tokens,
+          **{k: http[k] for k in ("e2e_ms_spans_on", "e2e_ms_spans_off", "span_share") if k in http},
           "offline_tokens_per_s": mid["offline"]["tokens_per_s"], "ratio_vs_offline": mid["ratio"],
           "ratios": [round(r["ratio"], 3) for r in rounds], "target_ratio": 0.85, "median_round": mid,
           "all_rounds": rounds})

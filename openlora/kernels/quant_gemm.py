@@ -41,7 +41,34 @@ def available() -> bool:
 
 
 def isa() -> str:
-    return load_extension().isa()
+    """The path linear() takes here by default (see _checked_isa)."""
+    return _checked_isa()
+
+
+@functools.cache
+def _checked_isa() -> str:
+    """The extension's best path, once it has matched the scalar path bit for bit on W8A8 (exact int32
+    sums: any difference is a bug). NOTE: the AVX512-VNNI path was written on an AVX2-only machine and
+    first runs wherever this does; if it disagrees, this process falls back to AVX2 and says so."""
+    best = load_extension().isa()
+    if best != "avx512_vnni":
+        return best
+    g = torch.Generator().manual_seed(0)
+    w = QuantWeight(q=torch.randint(-127, 128, (40, 200), dtype=torch.int8, generator=g),
+                    scale=torch.rand(40, 1, generator=g) + 0.01, zero=None, bits=8, group=200)
+    packed = pack(w, "w8a8")
+    ext = load_extension()
+    for m in (1, 3, 9):
+        x = torch.randn(m, 200, generator=g)
+        got = ext.linear_a8(x, packed.codes, packed.scale, packed.aux, packed.n, packed.perm, None, best)
+        want = ext.linear_a8(x, packed.codes, packed.scale, packed.aux, packed.n, packed.perm, None, "scalar")
+        if not torch.equal(got, want):
+            import logging
+
+            logging.getLogger("openlora.kernels").warning(
+                "quantized GEMM: the AVX512-VNNI W8A8 path disagrees with the scalar one (M=%d); using AVX2", m)
+            return "avx2"
+    return best
 
 
 @dataclass(frozen=True)
@@ -118,7 +145,8 @@ def linear(x: torch.Tensor, packed: PackedQuant, bias: torch.Tensor | None = Non
     """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype. `isa`: force a path ("scalar", "avx2", ...; tests)."""
     ext = load_extension()
     if packed.mode == "w8a8":
-        return ext.linear_a8(x, packed.codes, packed.scale, packed.aux, packed.n, packed.perm, bias, isa)
+        return ext.linear_a8(x, packed.codes, packed.scale, packed.aux, packed.n, packed.perm, bias,
+                             isa or _checked_isa())
     bits = 4 if packed.mode == "w4a16" else 8
     return ext.linear_a16(x, packed.codes, packed.scale, packed.aux, bits, packed.group, packed.n, packed.perm,
                           bias, isa)
