@@ -14,8 +14,9 @@ import torch
 
 from openlora import LLM, SamplingParams
 from openlora.attribution.manifest import parse_manifest
+from openlora.attribution.span_index import content_hash
 from openlora.demo import ADAPTERS, DEMO_MODEL_ID, DEMO_WHEEL, demo_adapters, ensure_demo_model
-from openlora.demo.manifests import demo_address, demo_key, manifest_for
+from openlora.demo.manifests import contributions_for, demo_address, demo_key, manifest_for
 
 pytestmark = pytest.mark.slow  # real processes, the demo model, a browser or a chain: not in `make test-fast`
 
@@ -47,9 +48,10 @@ def test_shipped_manifests_are_priced_and_split_among_real_payees():
     from eth_account import Account
 
     for spec in ADAPTERS:
-        raw = json.loads((demo_adapters()[spec.name] / "attribution.json").read_text())
+        folder = demo_adapters()[spec.name]
+        raw = json.loads((folder / "attribution.json").read_text())
         assert raw == manifest_for(spec)  # the shipped file is what the seeds give
-        m = parse_manifest(raw)
+        m = parse_manifest(raw, folder)
         assert m.base_model == DEMO_MODEL_ID and "DEMO KEYS" in raw["description"]
         assert m.price_per_1k_prompt_tokens > 0 and m.price_per_1k_completion_tokens > 0
         assert m.split.operator > 0 and m.split.owner > 0 and m.split.data > 0
@@ -58,7 +60,11 @@ def test_shipped_manifests_are_priced_and_split_among_real_payees():
         assert m.owner == Account.from_key(demo_key(f"owner/{spec.name}")).address
         assert contributors == [demo_address(f"contributor/{s}") for s, _ in spec.contributors]
         ds = m.datasets[0]
-        assert (ROOT / ds.ref).is_file(), ds.ref  # the named dataset ships with the package
+        # The datanet ships its contributions (each training answer, by its contributor): their hash is
+        # the dataset's content hash.
+        shipped = [json.loads(line) for line in (folder / "contributions.jsonl").read_text().splitlines()]
+        assert shipped == contributions_for(spec, ROOT / "openlora" / "demo" / "data")
+        assert ds.ref == content_hash(ds.contributions) and len(ds.contributions) == len(shipped) > 100
 
 
 def test_adapters_are_small_peft_files():
