@@ -137,21 +137,38 @@ async def run_http(args, url: str, work, server_pid: int, warm_up: bool) -> dict
                         last = now
             e2e[spans].append(time.perf_counter() - t0)
 
+    async def span_metrics(session: aiohttp.ClientSession) -> tuple[float, float]:
+        """(count, sum of seconds) of the server's span matching so far (its /metrics summary)."""
+        async with session.get(url + "/metrics") as r:
+            text = await r.text()
+        vals = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("openlora_span_attribution_seconds_")}
+        key = "openlora_span_attribution_seconds_"
+        return vals.get(key + "count", 0.0), vals.get(key + "sum", 0.0)
+
     conn = aiohttp.TCPConnector(limit=args.clients + 8)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
         if warm_up:  # every adapter once
             await asyncio.gather(*(one(session, p, a) for p, a in work[:args.adapters]))
             ttft.clear(), itl.clear()
             tokens[0] = 0
+        sp0 = await span_metrics(session) if args.datanet_tokens else (0.0, 0.0)
         t, own, srv = time.perf_counter(), time.process_time(), _proc_cpu_s(server_pid)
         await asyncio.gather(*(one(session, p, a, not (args.spans_ab and i % 2)) for i, (p, a) in enumerate(work)))
         dt = time.perf_counter() - t
         srv, own = _proc_cpu_s(server_pid) - srv, time.process_time() - own
+        sp1 = await span_metrics(session) if args.datanet_tokens else (0.0, 0.0)
+    matched = {}
+    if sp1[0] > sp0[0]:  # the server's own measure of matching, against the requests' mean end-to-end time
+        per = (sp1[1] - sp0[1]) / (sp1[0] - sp0[0])
+        on = e2e[True] or e2e[False]
+        matched = {"span_matched_requests": int(sp1[0] - sp0[0]), "span_ms_per_request": round(1e3 * per, 2),
+                   "span_share_of_e2e": round(per / (sum(on) / len(on)), 5)}
     # CPU seconds of the server process and of this load generator over the timed part (2 cores:
     # at most 2 * seconds between them); the offline run's CPU seconds are its ceiling.
     return {"seconds": dt, "server_cpu_s": srv, "client_cpu_s": own, "tokens": tokens[0],
             "tokens_per_s": tokens[0] / dt, "requests_per_s": len(work) / dt, "ttft_ms": _pcts(ttft),
-            "itl_ms": _pcts(itl), **_span_share(e2e)}
+            "itl_ms": _pcts(itl), **_span_share(e2e), **matched}
 
 
 def _span_share(e2e: dict[bool, list[float]]) -> dict:
@@ -277,7 +294,8 @@ def main() -> None:
           "dtype": args.dtype, "attribution": args.attribution, "rounds": args.rounds,
           "requests_per_s": http["requests_per_s"], "tokens_per_s": http["tokens_per_s"],
           "ttft_ms": http["ttft_ms"], "itl_ms": http["itl_ms"], "datanet_tokens": args.datanet_tokens,
-          **{k: http[k] for k in ("e2e_ms_spans_on", "e2e_ms_spans_off", "span_share") if k in http},
+          **{k: http[k] for k in ("e2e_ms_spans_on", "e2e_ms_spans_off", "span_share", "span_matched_requests",
+                                  "span_ms_per_request", "span_share_of_e2e") if k in http},
           "offline_tokens_per_s": mid["offline"]["tokens_per_s"], "ratio_vs_offline": mid["ratio"],
           "ratios": [round(r["ratio"], 3) for r in rounds], "target_ratio": 0.85, "median_round": mid,
           "all_rounds": rounds})

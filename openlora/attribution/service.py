@@ -198,10 +198,10 @@ class AttributionService:
         """
         return self.record_attributed(event)[0]
 
-    def record_attributed(self, event: UsageEvent, spans: bool = True) -> tuple[Receipt, list[dict[str, Any]] | None]:
+    def record_attributed(self, event: UsageEvent, spans: bool = True) -> tuple[Receipt, Any]:
         """`record`, with span-level attribution of the answer when its adapters' datanets are indexed
-        (and `spans`: the request did not opt out). Also returns the spans found, for the caller only
-        (None when no span attribution ran)."""
+        (and `spans`: the request did not opt out). Also returns the span_service.SpanOutcome (its
+        `spans` go to the caller only), or None when no span attribution ran."""
         manifests = [self._served_manifest(a.adapter_id, a.content_hash) for a in event.adapters]
         outcome = None
         if spans and self.spans is not None and event.adapters and event.status == "finished":
@@ -230,7 +230,7 @@ class AttributionService:
                 self._queue.append((ticket, receipt))
                 self._inflight[event.request_id] = (ticket, receipt)
         self._flush(ticket)
-        return receipt, (outcome.spans if outcome else None)
+        return receipt, outcome
 
     def _flush(self, ticket: int) -> None:
         """Make sure `ticket` is committed: commit the whole queue if nobody has yet."""

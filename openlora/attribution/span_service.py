@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class SpanOutcome:
     weights: dict[tuple[str, str], dict[str, int]]  # (adapter, dataset) -> lower-cased address -> weight
     credits: tuple[SpanCredit, ...]
     spans: list[dict[str, Any]] = field(default_factory=list)  # for the caller only (module docstring)
+    seconds: float = 0.0  # time spent matching (metrics)
 
 
 class SpanAttributor:
@@ -91,6 +93,7 @@ class SpanAttributor:
                   outputs: list[list[int]]) -> SpanOutcome | None:
         """Match each sample's output token ids against the datasets of each adapter; None when no
         dataset of these adapters has a built index."""
+        t0 = time.perf_counter()
         weights: dict[tuple[str, str], dict[str, int]] = {}
         credits: list[SpanCredit] = []
         spans: list[dict[str, Any]] = []
@@ -117,7 +120,8 @@ class SpanAttributor:
                 policies.append(f"{adapter_id}:min_span={m.spans.min_span},lambda_ppm={m.spans.lambda_ppm}")
         if not policies:
             return None
-        return SpanOutcome(";".join([METHOD, *policies]), weights, tuple(credits), spans)
+        return SpanOutcome(";".join([METHOD, *policies]), weights, tuple(credits), spans,
+                           time.perf_counter() - t0)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter as _Tally
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
 
 from openlora.engine.llm_engine import LLMEngine
 
@@ -32,6 +32,9 @@ class Metrics:
         self.ttft = Histogram("openlora_time_to_first_token_seconds", "Time to first token", buckets=_LAT, registry=r)
         self.itl = Histogram("openlora_inter_token_latency_seconds", "Time between output tokens",
                              buckets=_ITL, registry=r)
+        # Span-level attribution's matching per request (receipt thread, before the receipt is signed).
+        self.span_seconds = Summary("openlora_span_attribution_seconds",
+                                    "Time matching an answer against its adapters' datanets", registry=r)
         self.prompt_tokens = Counter("openlora_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("openlora_generation_tokens", "Tokens generated", registry=r)
         self.adapter_tokens = Counter("openlora_adapter_tokens", "Tokens per adapter", ["adapter", "kind"], registry=r)

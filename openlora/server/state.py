@@ -66,10 +66,11 @@ class ReceiptHook:
 
     def _record(self, event: UsageEvent, fut: Future | None, spans: bool = True) -> None:
         try:
-            receipt, found = self.service.record_attributed(event, spans=spans)
+            receipt, outcome = self.service.record_attributed(event, spans=spans)
             summary = receipt.summary()
-            if found is not None:  # token offsets of the reproduced spans: for this caller only
-                summary["spans"] = found
+            if outcome is not None:  # token offsets of the reproduced spans: for this caller only
+                summary["spans"] = outcome.spans
+                self.metrics.span_seconds.observe(outcome.seconds)
         except Exception as e:  # the request already ran; report and keep going
             log.exception("recording the receipt of %s failed", event.request_id)
             if fut is not None:

@@ -64,7 +64,8 @@ def _data(receipt: Receipt) -> dict[str, int]:
 
 def _answer(service, tokenizer, text: str, spans: bool = True) -> tuple[Receipt, list | None]:
     ev = replace(event(completion=4000), output_token_ids=(_ids(tokenizer, text),))
-    return service.record_attributed(ev, spans=spans)
+    receipt, outcome = service.record_attributed(ev, spans=spans)
+    return receipt, (outcome.spans if outcome is not None else None)
 
 
 def test_reproducing_a_contributors_text_gives_them_the_largest_share(service, tokenizer):
