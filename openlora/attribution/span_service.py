@@ -33,6 +33,9 @@ from openlora.attribution.spans import blend, span_credits
 log = logging.getLogger(__name__)
 
 METHOD = "infini-gram"
+# Datasets matched per request at most (the Settlement contract's MAX_CHARGE_SPANS): past it, a request's
+# further datasets keep their fixed weights, so every receipt stays settleable on chain.
+MAX_DATASETS = 8
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class SpanAttributor:
         for adapter_id, m in zip(adapter_ids, manifests):
             used = False
             for ds in m.datasets:
-                idx = self.index(ds) if ds.contributions else None
+                idx = self.index(ds) if ds.contributions and len(weights) < MAX_DATASETS else None
                 if idx is None:
                     continue
                 used = True

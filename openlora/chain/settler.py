@@ -29,7 +29,7 @@ from openlora.attribution.epochs import EpochManager
 from openlora.attribution.ledger import Ledger
 from openlora.chain.anvil import ChainError
 from openlora.chain.authorization import TOKEN_PREFIX, Authorization, parse_token_unchecked
-from openlora.chain.charges import charge_for
+from openlora.chain.charges import charge_for, span_tuples
 from openlora.chain.client import Chain
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,8 @@ class Settler:
         index = {d: i for i, d in enumerate(digests)}
         charges = [charge_for(r, index[d], v) for r, d, v in batch]
         fn = self.chain.c["Settlement"].functions.settle(
-            epoch, bytes.fromhex(root[2:]), [a.as_tuple() for a in auths], [c.as_tuple() for c in charges])
+            epoch, bytes.fromhex(root[2:]), [a.as_tuple() for a in auths], [c.as_tuple() for c in charges],
+            span_tuples(charges))
         rc = self.chain.send(fn)
         s = self.chain.c["Settlement"].events
         settled = s.Settled().process_receipt(rc, errors=_DISCARD)[0]["args"]

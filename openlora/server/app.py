@@ -121,14 +121,10 @@ def build_state(opts: ServeOptions) -> ServerState:
         engine.usage_listeners.append(lambda ev: limits.charge(ev.tenant, ev.prompt_tokens + ev.completion_tokens))
     if opts.attribution:
         state.attribution = _open_attribution(opts, model_id, engine.base_model_hash)
-        if opts.chain:  # NOTE: the Settlement contract splits data amounts by the registered fixed weights
-            log.info("span-level attribution is off on a chain-settled node: on-chain settlement splits data "
-                     "amounts by the registered contributor weights, and receipts must match it")
-        else:
-            from openlora.attribution.span_service import SpanAttributor
-            from openlora.config import cache_dir
+        from openlora.attribution.span_service import SpanAttributor
+        from openlora.config import cache_dir
 
-            state.attribution.spans = SpanAttributor(engine.tokenizer, cache_dir() / "span_index")
+        state.attribution.spans = SpanAttributor(engine.tokenizer, cache_dir() / "span_index")
         state.receipts = ReceiptHook(state.attribution, metrics)
         engine.usage_listeners.append(state.receipts)
         base = state.attribution.manifest_for_base()

@@ -129,9 +129,9 @@ def charge(seq: int, auth_index: int = 0, prompt: int = 1000, completion: int = 
 
 
 def settle(s: System, node: str, auths: Iterable[Authorization], charges: Sequence[tuple],
-           epoch: int = 1) -> tuple[int, int]:
-    """Send one batch from `node`; returns (charges settled, total charged)."""
-    return s.settlement.settle(epoch, b"\x07" * 32, [a.as_tuple() for a in auths], list(charges),
+           epoch: int = 1, spans: Sequence[tuple] = ()) -> tuple[int, int]:
+    """Send one batch from `node` (`spans`: charges.span_tuples); returns (charges settled, total charged)."""
+    return s.settlement.settle(epoch, b"\x07" * 32, [a.as_tuple() for a in auths], list(charges), list(spans),
                                sender=node)
 
 

@@ -43,7 +43,7 @@ from hypothesis import strategies as st
 from openlora.attribution.ids import name_id_bytes
 from openlora.attribution.manifest import DefaultPolicy, Manifest, parse_manifest
 from openlora.attribution.receipts import ZERO_HASH, Receipt, build_receipt, compute_fee_lines
-from openlora.chain.charges import charge_for
+from openlora.chain.charges import charge_for, span_tuples
 from openlora.outputs import UsageEvent
 from openlora.request import AdapterUse
 
@@ -171,6 +171,49 @@ def base_fee(prompt: int, completion: int) -> int:
 
 
 # ------------------------------------------------------------------------------- 1. exact splits
+
+def test_span_weighted_receipts_settle_to_their_exact_payouts(w: World) -> None:
+    """Span-level attribution: receipts whose data amounts follow blend(fixed weights, span credits) (as the
+    span service builds them) settle on chain to exactly their payouts, for several lambdas, credit
+    patterns (one contributor, ties, all zero) and a composition; the charge carries the credits."""
+    from openlora.attribution.receipts import SpanCredit
+    from openlora.attribution.spans import blend
+
+    payer = w.payers[0].address
+
+    cases = [
+        (usage([("pirate", 1.0)], 4000, 3001, payer), {("pirate", "legal"): [11, 0, 0], ("pirate", "med"): [0, 7]},
+         500_000),
+        (usage([("pirate", 1.0)], 2000, 999, payer), {("pirate", "legal"): [3, 3, 0]}, 1_000_000),
+        (usage([("poet", 1.0)], 5000, 4321, payer), {("poet", "code"): [0, 9], ("poet", "legal"): [0, 0, 0]}, 250_000),
+        (usage([("pirate", 0.5), ("poet", 0.5)], 3000, 2000, payer),
+         {("pirate", "legal"): [1, 2, 3], ("poet", "code"): [5, 5]}, 700_000),
+    ]
+    receipts, prev = [], ZERO_HASH
+    for i, (ev, credits, lam) in enumerate(cases):
+        ev = replace(ev, request_id=f"span-{i}")
+        weights, lines = {}, []
+        for (adapter, ds_id), got in credits.items():
+            ds = next(d for d in w.manifests[adapter].datasets if d.id == ds_id)
+            fixed = {c.address.lower(): c.weight for c in ds.contributors}
+            weights[(adapter, ds_id)] = blend(fixed, {c.address.lower(): n for c, n in zip(ds.contributors, got)}, lam)
+            lines += [SpanCredit(adapter, ds_id, c.address, n) for c, n in zip(ds.contributors, got)]
+        method = "infini-gram;" + ";".join(f"{a.adapter_id}:min_span=6,lambda_ppm={lam}" for a in ev.adapters)
+        r = build_receipt(ev, seq=1 + i, node=w.node.address, operator=w.operator,
+                          manifests=[w.manifest_for(a.adapter_id) for a in ev.adapters], base_manifest=w.base,
+                          prev_hash=prev, sign=lambda sm: b"\0" * 65, chain_id=w.s.chain_id, span_method=method,
+                          data_weights=weights, credits=tuple(lines))
+        receipts.append(r)
+        prev = r.receipt_hash
+    fixed_only = receipts_for(w, [replace(c[0], request_id=f"span-{i}") for i, c in enumerate(cases)], signed=False)
+    assert any(a.amounts_by_recipient() != b.amounts_by_recipient() for a, b in zip(receipts, fixed_only))
+    total = sum(r.fee for r in receipts)
+    charges = [charge_for(r, 0) for r in receipts]
+    assert settle(w.s, w.node.address, [authorize(w.s, w.payers[0], w.node.address, RICH)],
+                  [c.as_tuple() for c in charges], spans=span_tuples(charges)) == (len(receipts), total)
+    expected = totals_by_recipient(p for r in receipts for p in r.payouts)
+    assert claimables(w, w.accounts) == {a: expected.get(a, 0) for a in w.accounts}
+
 
 def test_settlement_credits_exactly_the_receipt_payouts(w: World) -> None:
     payer = w.payers[0].address
@@ -816,7 +859,7 @@ def _settle_gas(n: int) -> int:
         s, node = w.s, w.node.address
         mix = [("pirate", 500_000), ("poet", 300_000), ("scribe", 200_000)]
         args = (1, b"\7" * 32, [authorize(s, w.payers[0], node, RICH).as_tuple()],
-                [charge(i + 1, prompt=1000 + i, completion=500 + i, adapters=mix) for i in range(n)])
+                [charge(i + 1, prompt=1000 + i, completion=500 + i, adapters=mix) for i in range(n)], [])
         boa.env.reset_gas_used()
         assert s.settlement.settle(*args, sender=node)[0] == n
         execution = s.settlement._computation.get_gas_used()

@@ -27,7 +27,11 @@
           fee = sum(cost_i) // 10^9, portions by largest remainder over cost_i (ties: lower
           adapter id), each portion split by basis points (operator, owner, data; ties in that
           order), the data part over the adapter's datanets by weight (ties: lower datanet id),
-          and each datanet's part over its contributors by weight (ties: lower address).
+          and each datanet's part over its contributors by weight (ties: lower address). With
+          span-level attribution the charge carries, per datanet, each contributor's span credit
+          and lambda; the contributors' weights are then fixed_i * C * (1e6 - lambda) +
+          credit_i * F * lambda (F, C: the sums), as the node's receipts blend them (its
+          openlora/attribution/spans.py), and credits that sum to zero keep the fixed weights.
         Payees `claim` whenever they like. Withdrawals from escrow wait `withdrawal_delay`
         seconds, so a node that checked a payer's escrow before serving can still settle.
 """
@@ -46,6 +50,8 @@ MAX_CONTRIBUTORS: constant(uint256) = 32
 MAX_AUTHS: public(constant(uint256)) = 64
 MAX_CHARGES: public(constant(uint256)) = 256
 MAX_ADAPTER_CACHE: constant(uint256) = 8
+MAX_SPAN_LINES: constant(uint256) = 256  # per batch
+MAX_CHARGE_SPANS: constant(uint256) = 8  # per charge
 PPM_X_1000: constant(uint256) = 10 ** 9
 BPS: constant(uint256) = 10_000
 
@@ -74,6 +80,14 @@ struct SignedAuthorization:
 struct AdapterCharge:
     adapter_id: bytes32  # keccak256 of the adapter's served name
     weight_ppm: uint32  # composition share; a charge's shares sum to 1,000,000
+
+
+struct SpanCredits:
+    charge_index: uint16  # which charge of the batch (lines sorted by it)
+    adapter_index: uint8  # which of the charge's adapters
+    datanet_index: uint8  # which of that adapter's datanets (registry order)
+    lambda_ppm: uint32  # share of the datanet's amount that follows the credits
+    credits: DynArray[uint64, MAX_CONTRIBUTORS]  # answer tokens credited, per contributor in registry order
 
 
 struct Charge:
@@ -346,8 +360,10 @@ def _credit(account: address, amount: uint256):
 
 
 @internal
-def _pay_adapter(portion: uint256, a: Adapter, operator: address):
-    """Split one adapter's portion: operator / owner / data, then datanets, then contributors."""
+def _pay_adapter(portion: uint256, a: Adapter, operator: address, spans: DynArray[SpanCredits, MAX_CHARGE_SPANS],
+                 index: uint256):
+    """Split one adapter's portion (the charge's adapter `index`): operator / owner / data, then datanets,
+    then contributors (by their weights, or blended with the charge's span credits)."""
     parts: DynArray[uint256, MAX_CONTRIBUTORS] = self._split(
         portion, [convert(a.operator_bps, uint256), convert(a.owner_bps, uint256), convert(a.data_bps, uint256)],
         [0, 1, 2])
@@ -372,6 +388,25 @@ def _pay_adapter(portion: uint256, a: Adapter, operator: address):
         for c: Contributor in cs:
             cw.append(convert(c.weight, uint256))
             ck.append(convert(c.account, uint256))
+        for sc: SpanCredits in spans:
+            if convert(sc.adapter_index, uint256) != index or convert(sc.datanet_index, uint256) != j:
+                continue
+            assert len(sc.credits) == len(cs), "settlement: span credits must name every contributor"
+            lam: uint256 = convert(sc.lambda_ppm, uint256)
+            assert lam <= 1_000_000, "settlement: lambda above 1,000,000 ppm"
+            f_sum: uint256 = 0
+            c_sum: uint256 = 0
+            for k: uint256 in range(MAX_CONTRIBUTORS):
+                if k >= len(cs):
+                    break
+                f_sum += cw[k]
+                c_sum += convert(sc.credits[k], uint256)
+            if c_sum > 0 and lam > 0:
+                for k: uint256 in range(MAX_CONTRIBUTORS):
+                    if k >= len(cs):
+                        break
+                    cw[k] = cw[k] * c_sum * (1_000_000 - lam) + convert(sc.credits[k], uint256) * f_sum * lam
+            break
         c_amounts: DynArray[uint256, MAX_CONTRIBUTORS] = self._split(d_amounts[j], cw, ck)
         for k: uint256 in range(MAX_CONTRIBUTORS):
             if k >= len(cs):
@@ -384,11 +419,14 @@ def _pay_adapter(portion: uint256, a: Adapter, operator: address):
 @external
 @nonreentrant
 def settle(epoch: uint64, receipts_root: bytes32, auths: DynArray[SignedAuthorization, MAX_AUTHS],
-           charges: DynArray[Charge, MAX_CHARGES]) -> (uint256, uint256):
+           charges: DynArray[Charge, MAX_CHARGES],
+           spans: DynArray[SpanCredits, MAX_SPAN_LINES]) -> (uint256, uint256):
     """
     @notice Settle one batch of the caller's receipts (see the contract notice for the rules).
             `receipts_root` is the node's Merkle root over the epoch's receipt hashes (logged for
-            audits). Returns (charges settled, total charged).
+            audits). `spans`: the span credits of the charges that have them, sorted by charge
+            index (a separate array: inside each charge they made every charge's calldata copy
+            cost their bound). Returns (charges settled, total charged).
     """
     assert staticcall self.nodes.is_active(msg.sender), "settlement: not an active node"
     assert len(charges) > 0, "settlement: empty batch"
@@ -413,8 +451,16 @@ def settle(epoch: uint64, receipts_root: bytes32, auths: DynArray[SignedAuthoriz
     first: uint64 = charges[0].seq
     settled: uint256 = 0
     total: uint256 = 0
+    sp: uint256 = 0  # next line of `spans`
     for n: uint256 in range(len(charges), bound=MAX_CHARGES):
         c: Charge = charges[n]
+        mine: DynArray[SpanCredits, MAX_CHARGE_SPANS] = []
+        for _: uint256 in range(MAX_CHARGE_SPANS):
+            if sp >= len(spans) or convert(spans[sp].charge_index, uint256) != n:
+                break
+            mine.append(spans[sp])
+            sp += 1
+        assert sp >= len(spans) or convert(spans[sp].charge_index, uint256) > n, "settlement: span lines"
         assert c.seq > prev, "settlement: receipt already settled or out of order"
         prev = c.seq
         assert convert(c.auth_index, uint256) < len(digests), "settlement: no such authorization"
@@ -496,8 +542,9 @@ def settle(epoch: uint64, receipts_root: bytes32, auths: DynArray[SignedAuthoriz
         for i: uint256 in range(MAX_ADAPTERS):
             if i >= len(terms):
                 break
-            self._pay_adapter(portions[i], terms[i], operator)
+            self._pay_adapter(portions[i], terms[i], operator, mine, i)
 
+    assert sp == len(spans), "settlement: span lines out of order"
     self.last_seq[msg.sender] = prev
     self.total_escrow -= total
     self.total_claimable += total
