@@ -87,6 +87,9 @@ def test_chat_streams_stops_regenerates_and_shows_the_receipt(servers, browser):
         assert role in text, text
     assert "verifies: signed by node" in text and "equals the fee" in text, text
     assert "pending" in text  # no epoch closed yet
+    if rec.get("span_method"):  # the pirate datanet's index was built in time: its credits are shown
+        assert "Answer tokens credited to each contributor's text" in text, text
+        assert all(c["dataset_id"] in text for c in rec["credits"]), text
     region.scroll_into_view_if_needed()
     w.shot("receipt")
 

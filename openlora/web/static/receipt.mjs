@@ -65,7 +65,15 @@ export function ReceiptView({ id, servedBy, nodes }) {
         <dt>Signature</dt><dd class=${sigOk ? "ok" : "bad"}>${sigOk ? `verifies: signed by node ${shortHex(expected)}` : `does NOT verify (recovered ${shortHex(signer || "nothing")}, expected ${shortHex(expected)})`}</dd>
         <dt>Settlement</dt><dd>${settlementText(proof)}</dd>
         <dt>Receipt id</dt><dd><code class="hash">${r.receipt_id}</code></dd>
+        ${r.span_method ? html`<dt>Attribution</dt><dd>by the spans the answer reproduced (<code>${r.span_method}</code>)</dd>` : ""}
       </dl>
+      ${r.span_method ? html`<table class="payees credits">
+        <caption>Answer tokens credited to each contributor's text</caption>
+        <thead><tr><th scope="col">Dataset</th><th scope="col">Contributor</th><th scope="col" class="num">Tokens</th></tr></thead>
+        <tbody>${(r.credits || []).map((c, i) => html`<tr key=${i}>
+          <td>${c.adapter_id}/${c.dataset_id}</td><td><code title=${c.contributor}>${shortHex(c.contributor)}</code></td>
+          <td class="num">${c.credit}</td></tr>`)}</tbody>
+      </table>` : ""}
       <table class="payees">
         <caption>Who was paid</caption>
         <thead><tr><th scope="col">Role</th><th scope="col">For</th><th scope="col">Address</th><th scope="col" class="num">Amount</th></tr></thead>
