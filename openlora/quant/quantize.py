@@ -38,28 +38,26 @@ def quantize_int8_per_channel(w: torch.Tensor) -> QuantWeight:
     return QuantWeight(q=_codes(w, scale, -127, 127), scale=scale, zero=None, bits=8, group=w.shape[1])
 
 
-def quantize_int8_groups(w: torch.Tensor, group: int = 128) -> QuantWeight:
-    """W [N, K] float -> int8 codes (-127..127) with one fp32 scale per row and `group` columns."""
+def _groups(w: torch.Tensor, group: int, qmax: int, lo: int, bits: int) -> QuantWeight:
+    """Symmetric codes in [lo, qmax] with one fp32 scale (max|w| / qmax) per row and `group` columns."""
     w = _check(w)
     n, k = w.shape
     if group <= 0 or k % group:
         raise ValueError(f"in features {k} are not a multiple of the group size {group}")
     wg = w.view(n, k // group, group)
-    scale = wg.abs().amax(dim=2, keepdim=True) / 127  # [N, G, 1]
-    q = _codes(wg, scale, -127, 127).view(n, k)
-    return QuantWeight(q=q, scale=scale.view(n, k // group), zero=None, bits=8, group=group)
+    scale = wg.abs().amax(dim=2, keepdim=True) / qmax  # [N, G, 1]
+    q = _codes(wg, scale, lo, qmax).view(n, k)
+    return QuantWeight(q=q, scale=scale.view(n, k // group), zero=None, bits=bits, group=group)
+
+
+def quantize_int8_groups(w: torch.Tensor, group: int = 128) -> QuantWeight:
+    """W [N, K] float -> int8 codes (-127..127) with one fp32 scale per row and `group` columns."""
+    return _groups(w, group, 127, -127, 8)
 
 
 def quantize_int4_groups(w: torch.Tensor, group: int = 128) -> QuantWeight:
     """W [N, K] float -> 4-bit codes (-8..7, one per int8) with one fp32 scale per row and `group` columns."""
-    w = _check(w)
-    n, k = w.shape
-    if group <= 0 or k % group:
-        raise ValueError(f"in features {k} are not a multiple of the group size {group}")
-    wg = w.view(n, k // group, group)
-    scale = wg.abs().amax(dim=2, keepdim=True) / 7  # [N, G, 1]
-    q = _codes(wg, scale, -8, 7).view(n, k)
-    return QuantWeight(q=q, scale=scale.view(n, k // group), zero=None, bits=4, group=group)
+    return _groups(w, group, 7, -8, 4)
 
 
 def quantization_error(w: torch.Tensor, qw: QuantWeight) -> float:

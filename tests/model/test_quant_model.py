@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_capture import run_engine
 from tiny_models import load_hf
 
 from openlora import LLM, SamplingParams
@@ -36,18 +37,7 @@ def _dequantized_hf(path: Path, mode: str):
 
 
 def _engine_logits(llm: LLM, prompts: list[list[int]], adapters=None, max_tokens: int = 5):
-    cap: list = []
-    llm.engine.runner.capture_logits = cap
-    try:
-        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-                            adapters=adapters)
-    finally:
-        llm.engine.runner.capture_logits = None
-    first = int(outs[0].request_id.split("-")[1])
-    rows: dict[int, list] = {}
-    for rid, row in cap:
-        rows.setdefault(int(rid.split("-")[1]) - first, []).append(row)
-    return outs, rows
+    return run_engine(llm, prompts, adapters, max_tokens)
 
 
 def _nmse(a: torch.Tensor, b: torch.Tensor) -> float:
