@@ -17,7 +17,7 @@ import torch
 
 from openlora import LLM, SamplingParams
 
-MODES = (None, "w8a16", "w4a16", "w8a8")
+MODES = (None, "w8a16", "w4a16", "w8a8", "gguf")  # gguf: the demo file's own Q4_1 codes
 
 
 def projection_bytes(llm: LLM) -> tuple[int, int]:

@@ -233,18 +233,21 @@ class EngineConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
     num_threads: int | None = None
     seed: int = 0
-    quantization: str | None = None  # base projections kept quantized: "w8a16" | "w4a16" | "w8a8"
+    quantization: str | None = None  # base projections kept quantized: "w8a16" | "w4a16" | "w8a8" | "gguf"
+    source: str | None = None  # the GGUF file the model came from ("gguf" quantization reads its codes)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.quantization not in (None, *QUANTIZATIONS):
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.quantization == "gguf" and self.source is None:
+            raise ValueError("quantization 'gguf' keeps a GGUF file's own codes: the model must be a .gguf file")
         _check(self, num_threads=1, seed=0)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("w8a16", "w4a16", "w8a8")  # openlora.model.quant_linear
+QUANTIZATIONS = ("w8a16", "w4a16", "w8a8", "gguf")  # openlora.model.quant_linear
 
 
 def _check(cfg: object, **minimum: int) -> None:

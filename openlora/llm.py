@@ -36,10 +36,14 @@ def build_engine_config(model: str | None = None, *, dtype: str = EngineConfig.d
     import torch
 
     if model is None:
-        from openlora.demo import ensure_demo_model
+        from openlora.demo import demo_gguf, ensure_demo_model
 
-        model = str(ensure_demo_model())
+        # "gguf" keeps the demo file's own Q4_1 codes, so it needs the file itself
+        model = str(demo_gguf()) if quantization == "gguf" else str(ensure_demo_model())
     path = _resolve_model_path(model)
+    from openlora.model.gguf import is_gguf
+
+    source = str(Path(model).resolve()) if is_gguf(model) else None
     mc = ModelConfig.from_pretrained(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     mml = min(max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -49,7 +53,7 @@ def build_engine_config(model: str | None = None, *, dtype: str = EngineConfig.d
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, mml, max_waiting),
         lora=LoRAConfig(max_loras, max_cpu_loras, max_lora_rank, lora_pool_rows, max_adapter_bytes),
         kernels=KernelConfig.parse(kernels) if isinstance(kernels, str) else (kernels or KernelConfig()),
-        num_threads=num_threads, seed=seed, quantization=quantization,
+        num_threads=num_threads, seed=seed, quantization=quantization, source=source,
     )
 
 

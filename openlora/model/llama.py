@@ -151,7 +151,8 @@ class LlamaModel(nn.Module):
         return out.float() if fp32 else out
 
     @torch.no_grad()
-    def load_weights(self, reader: CheckpointReader, backend: str, quantization: str | None = None) -> None:
+    def load_weights(self, reader: CheckpointReader, backend: str, quantization: str | None = None,
+                     source: str | None = None) -> None:
         """Copy checkpoint tensors in, fusing q/k/v and gate/up, packed for the linear `backend`
         (openlora.model.linear). Drops the C++ layer loop, which holds the previous packed weights:
         bind_kv_cache builds it again."""
@@ -159,11 +160,23 @@ class LlamaModel(nn.Module):
         self.quantization = quantization
         g = reader.get
 
-        def proj(w: torch.Tensor, bias: torch.Tensor | None):  # a base projection, quantized if asked
+        native = None
+        if quantization == "gguf":  # the file's own Q8_0 / Q4_0 / Q4_1 codes, no re-quantization
+            from openlora.quant.formats import load_quant_weights
+
+            native = load_quant_weights(source)[0]
+
+        def proj(w: torch.Tensor, bias: torch.Tensor | None, names: list[str] | None = None):
+            """A base projection (`names`: its checkpoint tensors, fused in this order), quantized if asked."""
+            from openlora.model.quant_linear import QuantLinear, cat_rows, mode_for, quantize_for
+
+            if native is not None:
+                qws = [native.get(n) for n in names or ()]
+                if qws and all(q is not None for q in qws) and (qw := cat_rows(qws)) is not None:
+                    return QuantLinear(qw, bias, mode_for(qw))
+                return Linear(w, bias, backend)  # float in the file, or parts that do not fuse
             if quantization is None:
                 return Linear(w, bias, backend)
-            from openlora.model.quant_linear import QuantLinear, quantize_for
-
             return QuantLinear(quantize_for(quantization, w.float()), bias, quantization)
 
         self.embed.copy_(g("model.embed_tokens.weight"))
@@ -177,19 +190,20 @@ class LlamaModel(nn.Module):
             dev = self.embed.device
             bias = (torch.cat([g(p + f"self_attn.{n}_proj.bias") for n in "qkv"]).to(dev)
                     if self.cfg.attention_bias else None)
-            layer.qkv = proj(torch.cat([g(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).to(dev), bias)
-            layer.o = proj(g(p + "self_attn.o_proj.weight").to(dev), None)
-            layer.gate_up = proj(torch.cat([g(p + "mlp.gate_proj.weight"), g(p + "mlp.up_proj.weight")]).to(dev),
-                                 None)
-            layer.down = proj(g(p + "mlp.down_proj.weight").to(dev), None)
+            qkv = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+            gate_up = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+            layer.qkv = proj(torch.cat([g(n) for n in qkv]).to(dev), bias, qkv)
+            layer.o = proj(g(p + "self_attn.o_proj.weight").to(dev), None, [p + "self_attn.o_proj.weight"])
+            layer.gate_up = proj(torch.cat([g(n) for n in gate_up]).to(dev), None, gate_up)
+            layer.down = proj(g(p + "mlp.down_proj.weight").to(dev), None, [p + "mlp.down_proj.weight"])
         self.lm_head_proj = Linear(self.lm_head.detach(), None, backend)
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, linear: str,
-               quantization: str | None = None) -> LlamaModel:
+               quantization: str | None = None, source: str | None = None) -> LlamaModel:
     """Build the model on `device` and load its checkpoint, packed for the linear backend `linear`."""
     reader = CheckpointReader(cfg.path, dtype)
     with torch.device(device):
         model = LlamaModel(cfg, dtype)
-    model.load_weights(reader, linear, quantization)
+    model.load_weights(reader, linear, quantization, source)
     return model.eval()

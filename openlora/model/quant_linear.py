@@ -8,6 +8,8 @@ The float weights are quantized once at load and only the packed codes stay resi
            1.125 bytes per weight resident (0.56x bf16); groups of 32: 99.1% / 0.0012 but 0.625x bf16.
     w4a16  int4 in groups of 128 input columns (64 or 32 where the width is not a multiple of 128)
     w8a8   int8 per output channel, activations quantized per token at run time (int32 sums)
+    gguf   a GGUF file's own Q8_0 / Q4_0 / Q4_1 codes (openlora.quant.formats), served as they are by the
+           w8a16 / w4a16 kernels: no dequantize and re-quantize round trip (other tensor types stay float)
 LoRA stays exact on top: the adapters' deltas are computed by SGMV from the unquantized activation, as
 on a float base, so only the base projection carries the quantization error.
 """
@@ -32,6 +34,31 @@ def quantize_for(mode: str, w: torch.Tensor) -> QuantWeight:
     if mode == "w8a8":  # the int8 x int8 kernel takes one weight scale per output channel
         return quantize_int8_per_channel(w)
     raise ValueError(f"quantization must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+def mode_for(qw: QuantWeight) -> str:
+    """The A16 kernel that serves a checkpoint's own codes (GGUF Q8_0: w8a16; Q4_0 / Q4_1: w4a16)."""
+    return "w4a16" if qw.bits == 4 else "w8a16"
+
+
+def cat_rows(parts: list[QuantWeight]) -> QuantWeight | None:
+    """Stack the output rows of several quantized weights (fused q/k/v, gate/up), or None when they do
+    not share one layout (bits, group, column order)."""
+    first = parts[0]
+    if any(p.bits != first.bits or p.group != first.group or p.perm is not None for p in parts):
+        return None
+    if len(parts) == 1:
+        return first
+
+    def cat(name: str, fill: float) -> torch.Tensor | None:
+        ts = [getattr(p, name) for p in parts]
+        if all(t is None for t in ts):
+            return None
+        return torch.cat([t.float() if t is not None else torch.full_like(p.scale, fill)
+                          for t, p in zip(ts, parts)])
+
+    return QuantWeight(q=torch.cat([p.q for p in parts]), scale=torch.cat([p.scale.float() for p in parts]),
+                       zero=cat("zero", 0.0), bits=first.bits, group=first.group, min=cat("min", 0.0))
 
 
 def _group(k: int, sizes: tuple[int, ...]) -> int:

@@ -68,8 +68,9 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default=EngineConfig.dtype, choices=DTYPES)
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
-                   help="keep the base projections quantized: int8 weights (w8a16), int4 groups (w4a16), or int8 "
-                        "weights and activations (w8a8); adapters stay exact on top")
+                   help="keep the base projections quantized: int8 weights (w8a16), int4 groups (w4a16), int8 "
+                        "weights and activations (w8a8), or a GGUF file's own Q8_0/Q4_0/Q4_1 codes (gguf); "
+                        "adapters stay exact on top")
     p.add_argument("--max-loras", type=int, default=LoRAConfig.max_loras,
                    help="adapters resident on the device at once")
     p.add_argument("--max-cpu-loras", type=int, default=LoRAConfig.max_cpu_loras, help="adapters cached in host memory")

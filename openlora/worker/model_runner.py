@@ -64,7 +64,7 @@ class ModelRunner:
         self.dtype = DTYPES[config.dtype]
         self.plan: KernelPlan = select_kernels(config.kernels, self.device, self.dtype)
         self.model: LlamaModel = load_model(config.model, self.dtype, self.device, self.plan.linear,
-                                            config.quantization)
+                                            config.quantization, config.source)
         m, bs = config.model, config.cache.block_size
         self.block_size = bs
         # [layers, 2, num_blocks, block_size, kv_heads, head_dim]

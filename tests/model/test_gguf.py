@@ -121,3 +121,34 @@ def test_real_smollm2_matches_transformers():
     prompts = [[1, 9690, 198, 2683, 359, 253, 5356, 5646], [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47]]
     _, outs, logits = engine_run(path, prompts, 6, block_size=16, num_kv_blocks=32, max_model_len=512)
     check_against_hf(hf, prompts, outs, logits)
+
+
+@pytest.mark.parametrize("kind", ("Q8_0", "Q4_0", "Q4_1"))
+def test_gguf_codes_served_as_they_are(tmp_path, cache, kind):
+    """`quantization="gguf"`: the file's own Q8_0 / Q4_0 / Q4_1 blocks feed the quantized kernels (no
+    dequantize and re-quantize round trip), and the logits still match transformers' dequantized model."""
+    path = write_tiny_llama_gguf(tmp_path / f"tiny-{kind}.gguf", kind, seed=len(kind))
+    llm, outs, logits = engine_run(path, PROMPTS, 8, block_size=4, num_kv_blocks=64, quantization="gguf")
+    layer = llm.engine.runner.model.layers[0]
+    want = "quant-w8a16" if kind == "Q8_0" else "quant-w4a16"
+    assert {lin.backend for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)} == {want}
+    check_against_hf(hf_from_gguf(path), PROMPTS, outs, logits)
+
+
+def test_gguf_quantization_needs_a_gguf_file(tmp_path, tiny_model_factory):
+    from openlora import LLM
+
+    with pytest.raises(ValueError, match="must be a .gguf file"):
+        LLM(str(tiny_model_factory("llama")), quantization="gguf")
+
+
+def test_real_smollm2_served_from_its_own_q4_1_codes():
+    """The demo file's Q4_1 projections served by the W4A16 kernel, against transformers' dequantized model."""
+    from openlora.demo import demo_gguf
+
+    path = demo_gguf()
+    prompts = [[1, 9690, 198, 2683, 359, 253, 5356, 5646], [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47]]
+    llm, outs, logits = engine_run(path, prompts, 6, block_size=16, num_kv_blocks=32, max_model_len=512,
+                                   quantization="gguf")
+    assert llm.engine.runner.model.layers[0].gate_up.backend == "quant-w4a16"
+    check_against_hf(hf_from_gguf(path), prompts, outs, logits)
