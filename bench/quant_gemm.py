@@ -11,7 +11,8 @@ the median of per-round ratios against the fp32 baseline of the same round:
     bf16-dnnl   oneDNN's packed linear in bf16, where the probe passes
     w8a16       int8 per-channel codes, fp32 x
     w4a16       4-bit codes, groups of 64 (K 576) / 128 (K 1536), zero points, fp32 x
-    w8a8        int8 per-channel weights, per-token dynamic int8 x, fp32 x in and out
+    w8a8        int8 per-channel weights, per-token dynamic int8 x, fp32 x in and out (bench/quant.py times
+                the grouped w8a8 that is served)
 Resident weight bytes per variant are reported relative to bf16 (2 bytes per weight).
 The machine may be shared: the load average is printed with the results.
 

@@ -6,8 +6,10 @@ Modes:
     "w8a16"  8-bit codes (per-channel or grouped scales, zero points, min), fp32 FMAs on codes converted in
              registers; scale and offset applied once per k block.
     "w4a16"  4-bit codes in groups (GGUF Q4_0/Q4_1: 32; ours: 128), two per byte, same arithmetic.
-    "w8a8"   per-token dynamic int8 x (symmetric, sx = max|x| / 127), per-channel symmetric int8 weights,
-             int32 sums (AVX2 VPMADDUBSW sign trick, or AVX512-VNNI VPDPBUSD), fp32 scale epilogue.
+    "w8a8"   dynamic int8 x per token and group of `group` columns (symmetric, sx = max|x| / 127 over the
+             group), symmetric int8 weights with one scale per row and group (group = K: per channel),
+             int32 sums per group (AVX2 VPMADDUBSW sign trick, or AVX512-VNNI VPDPBUSD), an fp32 scale
+             epilogue per group.
 
     available() -> bool                      (the extension builds; checked once per process)
     isa() -> "avx512_vnni" | "avx2" | "scalar"  (the path this CPU runs; A16 modes use avx2 code on VNNI CPUs)
@@ -54,21 +56,27 @@ def _checked_isa() -> str:
     if best != "avx512_vnni":
         return best
     g = torch.Generator().manual_seed(0)
-    w = QuantWeight(q=torch.randint(-127, 128, (40, 200), dtype=torch.int8, generator=g),
-                    scale=torch.rand(40, 1, generator=g) + 0.01, zero=None, bits=8, group=200)
-    packed = pack(w, "w8a8")
-    ext = load_extension()
+    for group in (200, 40):  # per channel, and 5 groups
+        w = QuantWeight(q=torch.randint(-127, 128, (40, 200), dtype=torch.int8, generator=g),
+                        scale=torch.rand(40, 200 // group, generator=g) + 0.01, zero=None, bits=8, group=group)
+        if not _same_on(pack(w, "w8a8"), best, g):
+            return "avx2"
+    return best
+
+
+def _same_on(packed: PackedQuant, best: str, g: torch.Generator) -> bool:
+    """W8A8 on `best` equals the scalar path bit for bit for a few batch sizes (else logged: False)."""
     for m in (1, 3, 9):
         x = torch.randn(m, 200, generator=g)
-        got = ext.linear_a8(x, packed.codes, packed.scale, packed.aux, packed.n, packed.perm, None, best)
-        want = ext.linear_a8(x, packed.codes, packed.scale, packed.aux, packed.n, packed.perm, None, "scalar")
+        got = linear(x, packed, isa=best)
+        want = linear(x, packed, isa="scalar")
         if not torch.equal(got, want):
             import logging
 
             logging.getLogger("openlora.kernels").warning(
                 "quantized GEMM: the AVX512-VNNI W8A8 path disagrees with the scalar one (M=%d); using AVX2", m)
-            return "avx2"
-    return best
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -80,8 +88,8 @@ class PackedQuant:
     k: int  # in features
     group: int
     codes: torch.Tensor  # w8a16 int8 [Nb, K, 16]; w4a16 uint8 [Nb, K, 8]; w8a8 int8 [Nb, K4, 16, 4]
-    scale: torch.Tensor  # fp32: a16 [Nb, K/group, 16]; w8a8 [Nb, 16]
-    # a16: fp32 offset c = min - scale (zero - qmin) [Nb, K/group, 16]; w8a8: int32 128 sum_k q [Nb, 16]
+    scale: torch.Tensor  # fp32 [Nb, K/group, 16]
+    # a16: fp32 offset c = min - scale (zero - qmin) [Nb, K/group, 16]; w8a8: int32 128 * group sums of q
     aux: torch.Tensor
     perm: torch.Tensor | None  # int64 [K]: the kernel reads x[:, perm]
 
@@ -109,16 +117,19 @@ def pack(w: QuantWeight, mode: str) -> PackedQuant:
     q = w.q
     perm = None if w.perm is None else w.perm.to(torch.int64).contiguous()
     if mode == "w8a8":
-        if w.bits != 8 or w.group != k or w.min is not None or (w.zero is not None and bool((w.zero != 0).any())):
-            raise ValueError("w8a8 needs 8-bit per-channel symmetric weights (group = K, zero 0, no min)")
+        if w.bits != 8 or w.min is not None or (w.zero is not None and bool((w.zero != 0).any())):
+            raise ValueError("w8a8 needs 8-bit symmetric weights (zero 0, no min)")
+        if w.group != k and w.group % 4:
+            raise ValueError(f"w8a8 groups must be a multiple of 4 columns (or K), got {w.group}")
         if bool((q == -128).any()):
             raise ValueError("w8a8 codes must lie in [-127, 127] (the AVX2 sign trick cannot negate -128)")
         k4 = -(-k // 4)
         qp = torch.nn.functional.pad(q, (0, 4 * k4 - k))  # [N, 4 K4]
         codes = _panels(qp).view(-1, NR, k4, 4).permute(0, 2, 1, 3).contiguous()  # [Nb, K4, 16, 4]
-        sw = _panels(w.scale.float().reshape(n, 1)).reshape(-1, NR).contiguous()
-        wsum = _panels((128 * q.to(torch.int32).sum(1)).to(torch.int32).reshape(n, 1)).reshape(-1, NR).contiguous()
-        return PackedQuant(mode, n, k, k, codes, sw, wsum, perm)
+        sw = _panels(w.scale.float()).transpose(1, 2).contiguous()  # [Nb, G, 16]
+        gsum = 128 * q.to(torch.int32).view(n, k // w.group, w.group).sum(2)  # [N, G]
+        wsum = _panels(gsum.to(torch.int32)).transpose(1, 2).contiguous()
+        return PackedQuant(mode, n, k, w.group, codes, sw, wsum, perm)
     qmin = 0
     if mode == "w4a16":
         if w.bits != 4:
@@ -145,35 +156,44 @@ def linear(x: torch.Tensor, packed: PackedQuant, bias: torch.Tensor | None = Non
     """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype. `isa`: force a path ("scalar", "avx2", ...; tests)."""
     ext = load_extension()
     if packed.mode == "w8a8":
-        return ext.linear_a8(x, packed.codes, packed.scale, packed.aux, packed.n, packed.perm, bias,
+        return ext.linear_a8(x, packed.codes, packed.scale, packed.aux, packed.group, packed.n, packed.perm, bias,
                              isa or _checked_isa())
     bits = 4 if packed.mode == "w4a16" else 8
     return ext.linear_a16(x, packed.codes, packed.scale, packed.aux, bits, packed.group, packed.n, packed.perm,
                           bias, isa)
 
 
-def quantize_activations(x: torch.Tensor, perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric int8 x, as the w8a8 kernel does: (xq int8 [M, K], sx fp32 [M, 1]) with
-    sx = max|x| / 127 (1 for an all-zero row) and xq = clamp(round_half_even(x / sx), -127, 127)."""
+def quantize_activations(x: torch.Tensor, perm: torch.Tensor | None = None,
+                         group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 x per token and group of `group` columns (0: the whole row), as the w8a8 kernel does:
+    (xq int8 [M, K], sx fp32 [M, G]) with sx = max|x| / 127 over the group (1 for an all-zero group) and
+    xq = clamp(round_half_even(x / sx), -127, 127)."""
     xf = x.float() if perm is None else x.float()[:, perm]
-    sx = xf.abs().amax(1, keepdim=True) / 127
+    m, k = xf.shape
+    group = group or k
+    xg = xf.view(m, k // group, group)
+    sx = xg.abs().amax(2, keepdim=True) / 127
     sx = torch.where(sx == 0, torch.ones_like(sx), sx)
-    return torch.round(xf / sx).clamp(-127, 127).to(torch.int8), sx
+    return torch.round(xg / sx).clamp(-127, 127).to(torch.int8).view(m, k), sx.view(m, k // group)
+
+
+def dequantized_activations(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """x' = xq * sx in float64 and x's column order: what the w8a8 kernel multiplies W by."""
+    xq, sx = quantize_activations(x, w.perm, w.group)
+    m, k = xq.shape
+    xd = (xq.double().view(m, k // w.group, w.group) * sx.double().unsqueeze(2)).view(m, k)
+    if w.perm is None:
+        return xd
+    out = torch.empty_like(xd)
+    out[:, w.perm] = xd
+    return out
 
 
 def reference_linear(x: torch.Tensor, w: QuantWeight, mode: str, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Semantics: y = x' @ dequantize(W)^T (+ bias) in float64, rounded to x's dtype, where x' = x for the
     A16 modes and, for w8a8, x' = xq * sx of quantize_activations (so a comparison isolates the GEMM)."""
     wd = w.dequantize().double()  # [N, K] in the original column order
-    if mode == "w8a8":
-        xq, sx = quantize_activations(x, w.perm)  # permuted columns: undo, to meet wd's order
-        xd = xq.double() * sx.double()
-        if w.perm is not None:
-            out = torch.empty_like(xd)
-            out[:, w.perm] = xd
-            xd = out
-    else:
-        xd = x.double()
+    xd = dequantized_activations(x, w) if mode == "w8a8" else x.double()
     y = xd @ wd.t()
     if bias is not None:
         y = y + bias.double()

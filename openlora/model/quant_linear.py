@@ -7,7 +7,12 @@ The float weights are quantized once at load and only the packed codes stay resi
            agreement and KL 0.0027, short of the 98.5% / 0.002 target; groups of 64: 98.7% / 0.0014 at
            1.125 bytes per weight resident (0.56x bf16); groups of 32: 99.1% / 0.0012 but 0.625x bf16.
     w4a16  int4 in groups of 128 input columns (64 or 32 where the width is not a multiple of 128)
-    w8a8   int8 per output channel, activations quantized per token at run time (int32 sums)
+    w8a8   int8 in groups of 128 input columns (64 or 32 where the width is not a multiple of 128), the
+           activations quantized at run time per token and per group of the same columns (int32 sums per
+           group). Measured on SmolLM2-135M-Instruct (teacher-forced, 2,048 tokens of the demo's text,
+           against fp32): per-channel weights and per-token activations 92.9% top-1 / KL 0.026 (per-channel
+           int8 weights alone already cost 2.4%: 97.6% / 0.0027); SmoothQuant-style smoothing (alpha 0.5,
+           calibrated) 96.0% / 0.011; these groups, with no calibration, 97.4% / 0.0051.
     gguf   a GGUF file's own Q8_0 / Q4_0 / Q4_1 codes (openlora.quant.formats), served as they are by the
            w8a16 / w4a16 kernels: no dequantize and re-quantize round trip (other tensor types stay float)
 LoRA stays exact on top: the adapters' deltas are computed by SGMV from the unquantized activation, as
@@ -19,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from openlora.kernels import quant_gemm
-from openlora.quant.quantize import quantize_int4_groups, quantize_int8_groups, quantize_int8_per_channel
+from openlora.quant.quantize import quantize_int4_groups, quantize_int8_groups
 from openlora.quant.types import QuantWeight
 
 MODES = quant_gemm.MODES
@@ -31,8 +36,8 @@ def quantize_for(mode: str, w: torch.Tensor) -> QuantWeight:
         return quantize_int4_groups(w, _group(w.shape[1], (128, 64, 32)))
     if mode == "w8a16":
         return quantize_int8_groups(w, _group(w.shape[1], (64, 32)))
-    if mode == "w8a8":  # the int8 x int8 kernel takes one weight scale per output channel
-        return quantize_int8_per_channel(w)
+    if mode == "w8a8":  # activations are grouped like the weights (the kernel's int32 sums are per group)
+        return quantize_int8_groups(w, _group(w.shape[1], (128, 64, 32)))
     raise ValueError(f"quantization must be one of {', '.join(MODES)}, got {mode!r}")
 
 

@@ -8,7 +8,8 @@
         rounding (8 significant bits) of a value whose fp32 sums carry far less error than 1e-4 mag;
 (b) the unquantized fp32 GEMM x @ W^T on Gaussian data (W ~ N(0, 1), x ~ N(0, 1)):
       W8A16 and W8A8: NMSE <= 5e-4 (llama.cpp's MUL_MAT bound). Per-channel RTN int8 has a step of about
-        6.4 sigma / 254, so its noise is step^2 / 12 ~ 5e-5 of the signal, twice that with int8 x.
+        6.4 sigma / 254, so its noise is step^2 / 12 ~ 5e-5 of the signal, twice that with int8 x (less
+        with W8A8's per-group weight and activation scales).
       W4A16: NMSE <= 2.5e-2. Round-to-nearest with 16 levels per group has a step of about range / 15
         (0.35 sigma for min/max groups of 128, 0.27 sigma for Q4_0's amax / 8 in groups of 32), i.e. noise
         step^2 / 12 ~ 1e-2 of the signal: the bound holds that with 2.5x margin; 4-bit RTN cannot do better.
@@ -102,13 +103,7 @@ def exact_operands(x: torch.Tensor, w: QuantWeight, mode: str) -> tuple[torch.Te
     """(x', W) in float64, original column order: what the kernel multiplies."""
     if mode != "w8a8":
         return x.double(), w.dequantize().double()
-    xq, sx = qg.quantize_activations(x, w.perm)
-    xd = xq.double() * sx.double()
-    if w.perm is not None:
-        out = torch.empty_like(xd)
-        out[:, w.perm] = xd
-        xd = out
-    return xd, w.dequantize().double()
+    return qg.dequantized_activations(x, w), w.dequantize().double()
 
 
 def check_against_dequantized(got: torch.Tensor, x: torch.Tensor, w: QuantWeight, mode: str,
@@ -136,7 +131,8 @@ def data(m: int, k: int, n: int, seed: int, dtype: torch.dtype = torch.float32):
 
 # --- tests -------------------------------------------------------------------------------------------------
 
-CASES = [("w8a16", ""), ("w8a16", "groups"), ("w4a16", "asym"), ("w4a16", "q4_1"), ("w8a8", "")]
+CASES = [("w8a16", ""), ("w8a16", "groups"), ("w4a16", "asym"), ("w4a16", "q4_1"), ("w8a8", ""),
+         ("w8a8", "groups")]
 
 
 @pytest.mark.parametrize("mode,variant", CASES)
@@ -145,7 +141,7 @@ CASES = [("w8a16", ""), ("w8a16", "groups"), ("w4a16", "asym"), ("w4a16", "q4_1"
 def test_model_shapes(mode: str, variant: str, k: int, n: int, m: int) -> None:
     w, x, b = data(m, k, n, seed=k + n + m)
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(n)) if variant == "asym" else None
-    group = 32 if variant in ("groups", "q4_1") else 128 if k % 128 == 0 else 64  # 576 = 4.5 x 128
+    group = 32 if variant == "q4_1" else 128 if k % 128 == 0 else 64  # 576 = 4.5 x 128
     qw = quantize(w, mode, variant, group=group, perm=perm)
     packed = qg.pack(qw, mode)
     y = qg.linear(x, packed, b)
@@ -157,21 +153,24 @@ def test_model_shapes(mode: str, variant: str, k: int, n: int, m: int) -> None:
 
 
 ODD = [(1, 96, 200, 32), (3, 70, 33, 70), (33, 512, 17, 512), (7, 1024, 50, 512), (64, 160, 48, 32),
-       (5, 64, 1, 64)]  # (M, K, N, group): N % 16 != 0; K % 4 != 0; groups of 2 k blocks; N = 1
+       (5, 64, 1, 64), (4, 120, 20, 12)]  # (M, K, N, group): N % 16 != 0; K % 4 != 0; groups of 2 k blocks;
+# N = 1; W8A8 groups of 12 (3 k steps of 4)
 
 
 @pytest.mark.parametrize("m,k,n,group", ODD)
 @pytest.mark.parametrize("mode,variant", [("w8a16", "groups"), ("w4a16", "asym"), ("w4a16", "q4_0"),
-                                          ("w4a16", "q4_1"), ("w4a16", "sym"), ("w8a8", "")])
+                                          ("w4a16", "q4_1"), ("w4a16", "sym"), ("w8a8", ""), ("w8a8", "groups")])
 @pytest.mark.parametrize("isa", ["", "scalar"])
 def test_odd_shapes_and_paths(m: int, k: int, n: int, group: int, mode: str, variant: str, isa: str) -> None:
     if mode == "w4a16" and group % 32:  # 4-bit groups are multiples of 32: the nearest such shape
         k, group = 96, 32
+    if mode == "w8a8" and variant == "groups" and group % 4:  # W8A8 groups are whole k steps of 4 (or K)
+        k, group = 72, 36
     w, x, b = data(m, k, n, seed=m * 7 + k + n)
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(k)) if variant in ("q4_0", "") else None
     if mode == "w8a8":
-        qw = q8_channel(w)
-        qw = QuantWeight(q=qw.q, scale=qw.scale, zero=None, bits=8, group=k, perm=perm)
+        qw = q8_groups(w, group) if variant == "groups" else q8_channel(w)
+        qw = QuantWeight(q=qw.q, scale=qw.scale, zero=None, bits=8, group=qw.group, perm=perm)
     else:
         qw = quantize(w, mode, variant, group=group, perm=perm)
     packed = qg.pack(qw, mode)
@@ -186,7 +185,7 @@ def test_paths_agree_and_threads(mode: str) -> None:
     """The SIMD path against the scalar one (W8A8: identical integers; A16: fp32 rounding), and 1 vs 2
     threads bit for bit (each output is computed by one thread in a fixed order)."""
     w, x, b = data(9, 576, 100, seed=3)
-    qw = quantize(w, mode, group=64)
+    qw = quantize(w, mode, "groups" if mode == "w8a8" else "", group=64)
     packed = qg.pack(qw, mode)
     fast = qg.linear(x, packed, b)
     slow = qg.linear(x, packed, b, isa="scalar")
@@ -204,15 +203,19 @@ def test_paths_agree_and_threads(mode: str) -> None:
 
 
 def test_activation_quantization_matches_torch() -> None:
-    """The kernel's per-token quantization equals quantize_activations bit for bit, ties to even, zero rows."""
+    """The kernel's per-token (and per-group) quantization equals quantize_activations bit for bit, ties to
+    even, zero rows."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 77, generator=g) * torch.tensor([[1.0], [1e-3], [30.0], [0.0]])
     x[0, :5] = torch.tensor([127.0, 2.5, -3.5, 0.5, -126.5])  # row scale 1: exact halves round to even
     perm = torch.randperm(77, generator=g)
     for p in (None, perm):
-        xq, sx = qg.load_extension().quantize_activations(x, p)
-        rq, rs = qg.quantize_activations(x, p)
-        assert torch.equal(xq, rq) and torch.equal(sx, rs.view(-1))
+        for group in (0, 11, 7):  # the whole row, 7 groups of 11, 11 groups of 7
+            xq, sx = qg.load_extension().quantize_activations(x, p, group)
+            rq, rs = qg.quantize_activations(x, p, group)
+            assert torch.equal(xq, rq) and torch.equal(sx, rs) and sx.shape == (4, 77 // (group or 77))
+    x[1, 11:22] = 0  # an all-zero group: scale 1, codes 0
+    assert qg.quantize_activations(x, None, 11)[1][1, 1] == 1
     assert qg.quantize_activations(x)[0][0, :5].tolist() == [127, 2, -4, 0, -126]
     w = torch.randn(20, 77, generator=g)
     packed = qg.pack(q8_channel(w), "w8a8")
@@ -230,6 +233,10 @@ def test_isa_and_packing() -> None:
     assert int(p.codes[2, 0, 7]) == int(u[39, 0])  # column 47 is padding: high nibble 0
     p8 = qg.pack(q8_channel(w), "w8a8")
     assert p8.codes.shape == (3, 16, 16, 4) and int(p8.codes[1, 2, 3, 1]) == int(q8_channel(w).q[19, 9])
+    qg8 = q8_groups(w, 16)
+    pg = qg.pack(qg8, "w8a8")  # 4 groups: scales and 128 * group sums per (panel, group, column)
+    assert pg.scale.shape == pg.aux.shape == (3, 4, 16) and pg.scale[1, 2, 3] == qg8.scale[19, 2]
+    assert int(pg.aux[1, 2, 3]) == 128 * int(qg8.q[19, 32:48].int().sum())
     assert p.nbytes < p8.nbytes < w.numel() * 2
 
 
@@ -237,8 +244,11 @@ def test_bad_inputs() -> None:
     w = torch.randn(32, 64)
     with pytest.raises(ValueError, match="4-bit"):
         qg.pack(q8_channel(w), "w4a16")
-    with pytest.raises(ValueError, match="per-channel"):
+    with pytest.raises(ValueError, match="symmetric"):
         qg.pack(q4(w, 32, "asym"), "w8a8")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        q = q8_channel(w)
+        qg.pack(QuantWeight(q=q.q, scale=q.scale.expand(32, 32).contiguous(), zero=None, bits=8, group=2), "w8a8")
     with pytest.raises(ValueError, match="-127"):
         q = q8_channel(w)
         qg.pack(QuantWeight(q=q.q.clone().fill_(-128), scale=q.scale, zero=None, bits=8, group=64), "w8a8")
@@ -257,7 +267,7 @@ def test_bad_inputs() -> None:
 def test_a_row_is_bit_identical_alone_or_in_any_batch(mode: str, isa: str) -> None:
     """Batch invariance: each output row's sums run in one fixed order, whatever M is."""
     w, x, b = data(13, 576, 200, seed=5)
-    qw = q8_channel(w) if mode != "w4a16" else q4(w, 64, "asym")
+    qw = q8_channel(w) if mode == "w8a16" else q8_groups(w, 64) if mode == "w8a8" else q4(w, 64, "asym")
     packed = qg.pack(qw, mode)
     full = qg.linear(x, packed, b, isa=isa)
     for lo, hi in ((0, 1), (3, 4), (2, 7), (5, 13)):

@@ -126,19 +126,18 @@ def _teacher_forced(llm: LLM, ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_real_smollm2_accuracy_against_the_unquantized_model():
-    """Teacher-forced over 768 tokens of real English: W8A16 top-1 agreement >= 98.5% and mean KL <= 0.002
-    (the issue's bounds), against the unquantized model in the same dtype. NOTE: W8A8 (per-token int8
-    activations, no smoothing) measures 93.1% and 0.026 here, short of its 97% / 0.01 target: it is
-    printed, not asserted, until activation smoothing lands (README, Quantization)."""
+    """Teacher-forced over 768 tokens of real English, against the unquantized model in the same dtype (the
+    issue's bounds): W8A16 top-1 agreement >= 98.5% and mean KL <= 0.002 (measured 98.7% / 0.0014); W8A8
+    (int8 weights and per-token activations, both in groups of 128 or 64 columns) >= 97% and <= 0.01
+    (measured 97.3% / 0.0053; per-channel weights with per-token activations measured 93.1% / 0.026)."""
     ref_llm = LLM(num_threads=2)
     ids = _real_text(ref_llm.tokenizer)
     ref = _teacher_forced(ref_llm, ids)
     del ref_llm
     logp_ref = torch.log_softmax(ref.double(), -1)
-    for mode, agree_min, kl_max in (("w8a16", 0.985, 0.002), ("w8a8", None, None)):
+    for mode, agree_min, kl_max in (("w8a16", 0.985, 0.002), ("w8a8", 0.97, 0.01)):
         got = _teacher_forced(LLM(num_threads=2, quantization=mode), ids)
         agree = float((got.argmax(-1) == ref.argmax(-1)).double().mean())
         kl = float((logp_ref.exp() * (logp_ref - torch.log_softmax(got.double(), -1))).sum(-1).mean())
         print(f"{mode}: top-1 agreement {agree:.4f}, mean KL {kl:.5f} over {ref.shape[0]} positions")
-        if agree_min is not None:
-            assert agree >= agree_min and kl <= kl_max, (mode, agree, kl)
+        assert agree >= agree_min and kl <= kl_max, (mode, agree, kl)

@@ -15,11 +15,13 @@
 //     over k blocks b (a group, cut into at most kKB steps), xsum[m, b] = sum_{k in b} x[m, k]: the codes
 //     are converted to fp32 in registers and multiplied by broadcast x values (fp32 FMAs); the scale and
 //     offset are applied once per block in the block's epilogue, never to each weight.
-//   W8A8   codes int8  [Nb, ceil(K/4), 16, 4]   P[p, s, j, i] = q[16 p + j, 4 s + i] (per-channel symmetric
-//          weights in [-127, 127], one scale per row), plus fp32 scale [Nb, 16] and int32 wsum [Nb, 16] =
-//          128 * sum_k q[n, k] (the VNNI path's correction). x is quantized per row at every call:
-//          sx = max|x| / 127 (1 where the row is 0), xq = clamp(round_half_even(x / sx), -127, 127), exactly
-//          as quant_gemm.quantize_activations does in torch; int32 sums; y = float(acc) * (sx * s) + b.
+//   W8A8   codes int8  [Nb, ceil(K/4), 16, 4]   P[p, s, j, i] = q[16 p + j, 4 s + i] (symmetric weights in
+//          [-127, 127], one scale per row and group of `group` columns: a multiple of 4 dividing K, or K for
+//          one scale per row), plus fp32 scale [Nb, G, 16] and int32 wsum [Nb, G, 16] = 128 * the group's
+//          sum of q (the VNNI path's correction). x is quantized per row and group at every call:
+//          sx = max|x| / 127 over the group (1 where that is 0), xq = clamp(round_half_even(x / sx), -127,
+//          127), exactly as quant_gemm.quantize_activations does in torch; int32 sums per group, then
+//          y = fma(float(acc_g), sx_g * s_g, y) over g in order, + b.
 //
 // ISA paths (compiled under #if on the compiler's macros, the module being built with -march=native;
 // chosen at run time, or forced by name for tests):
@@ -38,7 +40,8 @@
 //
 // Numerics: W8A16/W4A16 sum x * u in fp32 in k order per block and apply the scale and offset once per
 // block (a different rounding order from dequantize-then-GEMM: agreement to fp32 rounding). W8A8 sums are
-// exact integers; only the epilogue rounds. bf16 output rounds once, to nearest even.
+// exact integers; only the per-group epilogue rounds, in one order on every path (paths agree bit for bit).
+// bf16 output rounds once, to nearest even.
 
 #include <torch/extension.h>
 
@@ -285,67 +288,78 @@ void panels_a16(const A16Args& a, Isa isa, const float* bias, float* yf, c10::BF
 // ---------------------------------------------------------------------------------------------------------
 // W8A8
 
-// Row m of xf -> xq (int8, K4 * 4 with zero pad) and its scale; `offset`: store xq + 128 (u8, VNNI).
-void quantize_row(const float* x, int64_t K, int64_t K4, int8_t* q, float* scale, bool offset) {
-  float amax = 0.f;
-  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-  float s = amax / 127.f;
-  if (s == 0.f) s = 1.f;
-  *scale = s;
-  int64_t k = 0;
+// Row m of xf -> xq (int8, K4 * 4 with zero pad) and one scale per group of `group` columns (the last
+// group may be short only when group = K); `offset`: store xq + 128 (u8, VNNI).
+void quantize_row(const float* x, int64_t K, int64_t K4, int64_t group, int8_t* q, float* scale, bool offset) {
+  for (int64_t g0 = 0, gi = 0; g0 < K; g0 += group, ++gi) {
+    const int64_t g1 = std::min(g0 + group, K);
+    float amax = 0.f;
+    for (int64_t k = g0; k < g1; ++k) amax = std::max(amax, std::fabs(x[k]));
+    float s = amax / 127.f;
+    if (s == 0.f) s = 1.f;
+    scale[gi] = s;
+    int64_t k = g0;
 #if OPENLORA_QG_AVX2
-  const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
-  for (; k + 8 <= K; k += 8) {  // IEEE division and half-to-even rounding: the same values as the scalar loop
-    __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256i i = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
-    alignas(32) int32_t tmp[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), i);
-    for (int j = 0; j < 8; ++j) q[k + j] = static_cast<int8_t>(offset ? tmp[j] + 128 : tmp[j]);
-  }
+    const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+    for (; k + 8 <= g1; k += 8) {  // IEEE division and half-to-even rounding: the same values as the scalar loop
+      __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i i = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+      alignas(32) int32_t tmp[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), i);
+      for (int j = 0; j < 8; ++j) q[k + j] = static_cast<int8_t>(offset ? tmp[j] + 128 : tmp[j]);
+    }
 #endif
-  for (; k < K; ++k) {
-    const float v = std::min(std::max(std::nearbyint(x[k] / s), -127.f), 127.f);
-    q[k] = static_cast<int8_t>(offset ? static_cast<int>(v) + 128 : static_cast<int>(v));
+    for (; k < g1; ++k) {
+      const float v = std::min(std::max(std::nearbyint(x[k] / s), -127.f), 127.f);
+      q[k] = static_cast<int8_t>(offset ? static_cast<int>(v) + 128 : static_cast<int>(v));
+    }
   }
-  for (; k < 4 * K4; ++k) q[k] = static_cast<int8_t>(offset ? 128 : 0);
+  for (int64_t k = K; k < 4 * K4; ++k) q[k] = static_cast<int8_t>(offset ? 128 : 0);
 }
 
 struct A8Args {
   const int8_t* xq;     // [M, 4 K4]
-  const float* sx;      // [M]
+  const float* sx;      // [M, G]
   const int8_t* codes;  // [Nb, K4, 16, 4]
-  const float* sw;      // [Nb, 16]
-  const int32_t* wsum;  // [Nb, 16]: 128 * sum_k q
-  int64_t M, K4, N;
+  const float* sw;      // [Nb, G, 16]
+  const int32_t* wsum;  // [Nb, G, 16]: 128 * sum of the group's q
+  int64_t M, K4, N, G;
+  int64_t gs;           // k steps (of 4) per group: group / 4, or K4 for one group
+  int64_t s0(int64_t g) const { return g * gs; }
+  int64_t s1(int64_t g) const { return std::min(K4, (g + 1) * gs); }
 };
 
-// out[m, j] = float(acc[j]) * (sx[m] * sw[j]) for one row.
+// out[m, j] = fma(float(acc[j]), sx[m, g] * sw[g, j], out[m, j]) for one row and group: every path applies
+// groups in order with this one rounding sequence, so all paths give the same bits.
 inline void epilogue_a8(const int32_t* acc, float sx, const float* sw, float* out) {
-  for (int64_t j = 0; j < kNR; ++j) out[j] = static_cast<float>(acc[j]) * (sx * sw[j]);
+  for (int64_t j = 0; j < kNR; ++j) out[j] = std::fma(static_cast<float>(acc[j]), sx * sw[j], out[j]);
 }
 
 void panel_a8_scalar(const A8Args& a, int64_t p, float* out) {
   const int8_t* w = a.codes + p * a.K4 * kNR * 4;
   for (int64_t m = 0; m < a.M; ++m) {
-    int32_t acc[kNR] = {};
     const int8_t* xr = a.xq + m * a.K4 * 4;
-    for (int64_t s = 0; s < a.K4; ++s)
-      for (int64_t j = 0; j < kNR; ++j)
-        for (int i = 0; i < 4; ++i) acc[j] += int32_t(xr[4 * s + i]) * int32_t(w[(s * kNR + j) * 4 + i]);
-    epilogue_a8(acc, a.sx[m], a.sw + p * kNR, out + m * kNR);
+    for (int64_t g = 0; g < a.G; ++g) {
+      int32_t acc[kNR] = {};
+      for (int64_t s = a.s0(g); s < a.s1(g); ++s)
+        for (int64_t j = 0; j < kNR; ++j)
+          for (int i = 0; i < 4; ++i) acc[j] += int32_t(xr[4 * s + i]) * int32_t(w[(s * kNR + j) * 4 + i]);
+      epilogue_a8(acc, a.sx[m * a.G + g], a.sw + (p * a.G + g) * kNR, out + m * kNR);
+    }
   }
 }
 
 #if OPENLORA_QG_AVX2
 
-// MR rows x 16 columns over all of K: |x| (u8) x sign(w, x) (s8) pair sums in int16, widened by VPMADDWD.
+// MR rows x 16 columns over k steps [s0, s1) (one group): |x| (u8) x sign(w, x) (s8) pair sums in int16,
+// widened by VPMADDWD; then out += float(sum) * (sx * sw) (FMA), row by row.
 template <int MR>
-inline void micro_a8_avx2(const int8_t* xq, int64_t ldx, const int8_t* w, int64_t K4, const float* sx,
-                          const float* sw, float* out) {
+inline void micro_a8_avx2(const int8_t* xq, int64_t ldx, const int8_t* w, int64_t s0, int64_t s1, const float* sx,
+                          int64_t ldsx, const float* sw, float* out) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-  for (int64_t s = 0; s < K4; ++s) {
+  for (int64_t s = s0; s < s1; ++s) {
     const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * 64));
     const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * 64 + 32));
     for (int m = 0; m < MR; ++m) {
@@ -361,41 +375,48 @@ inline void micro_a8_avx2(const int8_t* xq, int64_t ldx, const int8_t* w, int64_
   }
   const __m256 sw0 = _mm256_loadu_ps(sw), sw1 = _mm256_loadu_ps(sw + 8);
   for (int m = 0; m < MR; ++m) {
-    const __m256 sxb = _mm256_set1_ps(sx[m]);
-    _mm256_storeu_ps(out + m * kNR, _mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][0]), _mm256_mul_ps(sxb, sw0)));
-    _mm256_storeu_ps(out + m * kNR + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][1]), _mm256_mul_ps(sxb, sw1)));
+    const __m256 sxb = _mm256_set1_ps(sx[m * ldsx]);
+    float* o = out + m * kNR;
+    _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][0]), _mm256_mul_ps(sxb, sw0), _mm256_loadu_ps(o)));
+    _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][1]), _mm256_mul_ps(sxb, sw1),
+                                            _mm256_loadu_ps(o + 8)));
   }
 }
 
 void panel_a8_avx2(const A8Args& a, int64_t p, float* out) {
   const int8_t* w = a.codes + p * a.K4 * kNR * 4;
   const int64_t ldx = a.K4 * 4;
-  for (int64_t m = 0; m < a.M; m += kMR8) {
-    const int8_t* x = a.xq + m * ldx;
-    const float* sw = a.sw + p * kNR;
-    switch (std::min<int64_t>(kMR8, a.M - m)) {
-      case 1: micro_a8_avx2<1>(x, ldx, w, a.K4, a.sx + m, sw, out + m * kNR); break;
-      case 2: micro_a8_avx2<2>(x, ldx, w, a.K4, a.sx + m, sw, out + m * kNR); break;
-      default: micro_a8_avx2<kMR8>(x, ldx, w, a.K4, a.sx + m, sw, out + m * kNR); break;
+  for (int64_t m = 0; m < a.M; m += kMR8)
+    for (int64_t g = 0; g < a.G; ++g) {  // the row block's x stays in L1 across groups; W's group, in L1 too
+      const int8_t* x = a.xq + m * ldx;
+      const float* sw = a.sw + (p * a.G + g) * kNR;
+      const float* sx = a.sx + m * a.G + g;
+      const int64_t s0 = a.s0(g), s1 = a.s1(g);
+      float* o = out + m * kNR;
+      switch (std::min<int64_t>(kMR8, a.M - m)) {
+        case 1: micro_a8_avx2<1>(x, ldx, w, s0, s1, sx, a.G, sw, o); break;
+        case 2: micro_a8_avx2<2>(x, ldx, w, s0, s1, sx, a.G, sw, o); break;
+        default: micro_a8_avx2<kMR8>(x, ldx, w, s0, s1, sx, a.G, sw, o); break;
+      }
     }
-  }
 }
 
 #endif  // OPENLORA_QG_AVX2
 
 #if OPENLORA_QG_VNNI
 
-// MR rows x 16 columns: VPDPBUSD of u8 (xq + 128, broadcast 4 at a time) by s8 weights, minus 128 sum(w).
-// U unrolled sums per row keep >= 4 independent VPDPBUSD chains in flight (latency 4-5).
+// MR rows x 16 columns over k steps [s0, s1) (one group): VPDPBUSD of u8 (xq + 128, broadcast 4 at a time)
+// by s8 weights, minus the group's 128 sum(w); then out += float(sum) * (sx * sw) (FMA). U unrolled sums per
+// row keep >= 4 independent VPDPBUSD chains in flight (latency 4-5).
 template <int MR>
-inline void micro_a8_vnni(const int8_t* xu, int64_t ldx, const int8_t* w, int64_t K4, const float* sx,
-                          const float* sw, const int32_t* wsum, float* out) {
+inline void micro_a8_vnni(const int8_t* xu, int64_t ldx, const int8_t* w, int64_t s0, int64_t s1, const float* sx,
+                          int64_t ldsx, const float* sw, const int32_t* wsum, float* out) {
   constexpr int U = MR >= 4 ? 1 : MR >= 2 ? 2 : 4;
   __m512i acc[U][MR];
   for (int u = 0; u < U; ++u)
     for (int m = 0; m < MR; ++m) acc[u][m] = _mm512_setzero_si512();
-  int64_t s = 0;
-  for (; s + U <= K4; s += U)
+  int64_t s = s0;
+  for (; s + U <= s1; s += U)
     for (int u = 0; u < U; ++u) {
       const __m512i wv = _mm512_loadu_si512(w + (s + u) * 64);
       for (int m = 0; m < MR; ++m) {
@@ -404,7 +425,7 @@ inline void micro_a8_vnni(const int8_t* xu, int64_t ldx, const int8_t* w, int64_
         acc[u][m] = _mm512_dpbusd_epi32(acc[u][m], _mm512_set1_epi32(four), wv);
       }
     }
-  for (; s < K4; ++s) {
+  for (; s < s1; ++s) {
     const __m512i wv = _mm512_loadu_si512(w + s * 64);
     for (int m = 0; m < MR; ++m) {
       int32_t four;
@@ -418,7 +439,9 @@ inline void micro_a8_vnni(const int8_t* xu, int64_t ldx, const int8_t* w, int64_
     __m512i t = acc[0][m];
     for (int u = 1; u < U; ++u) t = _mm512_add_epi32(t, acc[u][m]);
     t = _mm512_sub_epi32(t, corr);
-    _mm512_storeu_ps(out + m * kNR, _mm512_mul_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(_mm512_set1_ps(sx[m]), swv)));
+    float* o = out + m * kNR;
+    _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(_mm512_set1_ps(sx[m * ldsx]), swv),
+                                        _mm512_loadu_ps(o)));
   }
 }
 
@@ -426,22 +449,25 @@ void panel_a8_vnni(const A8Args& a, int64_t p, float* out) {
   constexpr int MR = 8;  // 8 sums of 32: room to spare; B (one zmm per k step) is reused 8 times
   const int8_t* w = a.codes + p * a.K4 * kNR * 4;
   const int64_t ldx = a.K4 * 4;
-  const float* sw = a.sw + p * kNR;
-  const int32_t* ws = a.wsum + p * kNR;
-  for (int64_t m = 0; m < a.M; m += MR) {
-    const int8_t* x = a.xq + m * ldx;
-    float* o = out + m * kNR;
-    switch (std::min<int64_t>(MR, a.M - m)) {
-      case 1: micro_a8_vnni<1>(x, ldx, w, a.K4, a.sx + m, sw, ws, o); break;
-      case 2: micro_a8_vnni<2>(x, ldx, w, a.K4, a.sx + m, sw, ws, o); break;
-      case 3: micro_a8_vnni<3>(x, ldx, w, a.K4, a.sx + m, sw, ws, o); break;
-      case 4: micro_a8_vnni<4>(x, ldx, w, a.K4, a.sx + m, sw, ws, o); break;
-      case 5: micro_a8_vnni<5>(x, ldx, w, a.K4, a.sx + m, sw, ws, o); break;
-      case 6: micro_a8_vnni<6>(x, ldx, w, a.K4, a.sx + m, sw, ws, o); break;
-      case 7: micro_a8_vnni<7>(x, ldx, w, a.K4, a.sx + m, sw, ws, o); break;
-      default: micro_a8_vnni<MR>(x, ldx, w, a.K4, a.sx + m, sw, ws, o); break;
+  for (int64_t m = 0; m < a.M; m += MR)
+    for (int64_t g = 0; g < a.G; ++g) {
+      const int8_t* x = a.xq + m * ldx;
+      const float* sw = a.sw + (p * a.G + g) * kNR;
+      const int32_t* ws = a.wsum + (p * a.G + g) * kNR;
+      const float* sx = a.sx + m * a.G + g;
+      const int64_t s0 = a.s0(g), s1 = a.s1(g);
+      float* o = out + m * kNR;
+      switch (std::min<int64_t>(MR, a.M - m)) {
+        case 1: micro_a8_vnni<1>(x, ldx, w, s0, s1, sx, a.G, sw, ws, o); break;
+        case 2: micro_a8_vnni<2>(x, ldx, w, s0, s1, sx, a.G, sw, ws, o); break;
+        case 3: micro_a8_vnni<3>(x, ldx, w, s0, s1, sx, a.G, sw, ws, o); break;
+        case 4: micro_a8_vnni<4>(x, ldx, w, s0, s1, sx, a.G, sw, ws, o); break;
+        case 5: micro_a8_vnni<5>(x, ldx, w, s0, s1, sx, a.G, sw, ws, o); break;
+        case 6: micro_a8_vnni<6>(x, ldx, w, s0, s1, sx, a.G, sw, ws, o); break;
+        case 7: micro_a8_vnni<7>(x, ldx, w, s0, s1, sx, a.G, sw, ws, o); break;
+        default: micro_a8_vnni<MR>(x, ldx, w, s0, s1, sx, a.G, sw, ws, o); break;
+      }
     }
-  }
 }
 
 #endif  // OPENLORA_QG_VNNI
@@ -511,31 +537,36 @@ torch::Tensor linear_a16(const torch::Tensor& x, const torch::Tensor& codes, con
   return o.y;
 }
 
-// W8A8. codes [Nb, K4, 16, 4] int8; sw fp32 [Nb, 16]; wsum int32 [Nb, 16].
+// W8A8. codes [Nb, K4, 16, 4] int8; sw fp32 [Nb, G, 16]; wsum int32 [Nb, G, 16]; group: columns per scale
+// (a multiple of 4 dividing K, or K).
 torch::Tensor linear_a8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& sw,
-                        const torch::Tensor& wsum, int64_t N, const c10::optional<torch::Tensor>& perm,
+                        const torch::Tensor& wsum, int64_t group, int64_t N, const c10::optional<torch::Tensor>& perm,
                         const c10::optional<torch::Tensor>& bias, const std::string& isa_name_in) {
   const Isa isa = pick_isa(isa_name_in);
   const int64_t M = x.size(0), K = x.size(1), Nb = ceil_div(N, kNR), K4 = ceil_div(K, 4);
+  TORCH_CHECK(group == K || (group > 0 && group % 4 == 0 && K % group == 0), "quant_gemm: x has ", K,
+              " features, not a multiple of the W8A8 group ", group);
+  const int64_t G = K / group;
   TORCH_CHECK(codes.is_contiguous() && codes.dim() == 4 && codes.size(0) == Nb && codes.size(1) == K4 &&
                   codes.size(2) == kNR && codes.size(3) == 4 && codes.scalar_type() == at::kChar,
               "quant_gemm: x has ", K, " features but the packed W8A8 codes are ", codes.sizes());
-  TORCH_CHECK(sw.is_contiguous() && sw.scalar_type() == at::kFloat && sw.numel() == Nb * kNR &&
-                  wsum.is_contiguous() && wsum.scalar_type() == at::kInt && wsum.numel() == Nb * kNR,
+  TORCH_CHECK(sw.is_contiguous() && sw.scalar_type() == at::kFloat && sw.numel() == Nb * G * kNR &&
+                  wsum.is_contiguous() && wsum.scalar_type() == at::kInt && wsum.numel() == Nb * G * kNR,
               "quant_gemm: packed W8A8 scales do not match");
   Out o = make_out(x, N, bias);
   if (M == 0) return o.y;
   const torch::Tensor xf = to_f32(x, perm);
   torch::Tensor xq = torch::empty({M, 4 * K4}, xf.options().dtype(at::kChar));
-  torch::Tensor sx = torch::empty({M}, xf.options());
+  torch::Tensor sx = torch::empty({M, G}, xf.options());
   for (int64_t m = 0; m < M; ++m)
-    quantize_row(xf.data_ptr<float>() + m * K, K, K4, xq.data_ptr<int8_t>() + m * 4 * K4, sx.data_ptr<float>() + m,
-                 isa == Isa::kVnni);
+    quantize_row(xf.data_ptr<float>() + m * K, K, K4, group, xq.data_ptr<int8_t>() + m * 4 * K4,
+                 sx.data_ptr<float>() + m * G, isa == Isa::kVnni);
   const A8Args a{xq.data_ptr<int8_t>(), sx.data_ptr<float>(), codes.data_ptr<int8_t>(), sw.data_ptr<float>(),
-                 wsum.data_ptr<int32_t>(), M, K4, N};
+                 wsum.data_ptr<int32_t>(), M, K4, N, G, group == K ? K4 : group / 4};
   at::parallel_for(0, Nb, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> out(M * kNR);
     for (int64_t p = p0; p < p1; ++p) {
+      std::fill(out.begin(), out.end(), 0.f);
 #if OPENLORA_QG_VNNI
       if (isa == Isa::kVnni) panel_a8_vnni(a, p, out.data());
       else
@@ -551,15 +582,19 @@ torch::Tensor linear_a8(const torch::Tensor& x, const torch::Tensor& codes, cons
   return o.y;
 }
 
-// (xq [M, K] int8, sx [M] fp32): the activation quantization linear_a8 applies (for tests).
-std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm) {
+// (xq [M, K] int8, sx [M, G] fp32): the activation quantization linear_a8 applies (for tests).
+std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm,
+                                                int64_t group) {
   TORCH_CHECK(x.dim() == 2, "quant_gemm: x must be 2-D");
   const torch::Tensor xf = to_f32(x, perm);
   const int64_t M = xf.size(0), K = xf.size(1), K4 = ceil_div(K, 4);
+  if (group <= 0) group = K;
+  TORCH_CHECK(K % group == 0, "quant_gemm: K ", K, " is not a multiple of the group ", group);
   torch::Tensor xq = torch::empty({M, 4 * K4}, xf.options().dtype(at::kChar));
-  torch::Tensor sx = torch::empty({M}, xf.options());
+  torch::Tensor sx = torch::empty({M, K / group}, xf.options());
   for (int64_t m = 0; m < M; ++m)
-    quantize_row(xf.data_ptr<float>() + m * K, K, K4, xq.data_ptr<int8_t>() + m * 4 * K4, sx.data_ptr<float>() + m, false);
+    quantize_row(xf.data_ptr<float>() + m * K, K, K4, group, xq.data_ptr<int8_t>() + m * 4 * K4,
+                 sx.data_ptr<float>() + m * (K / group), false);
   return {xq.narrow(1, 0, K).contiguous(), sx};
 }
 
@@ -572,9 +607,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_a16", &linear_a16, "W8A16 / W4A16: x [M, K] @ W^T (+ bias) -> [M, N]",
         py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("off"),
         py::arg("bits"), py::arg("group"), py::arg("n"), py::arg("perm"), py::arg("bias"), py::arg("isa") = "");
-  m.def("linear_a8", &linear_a8, "W8A8 (per-token dynamic int8 x): x [M, K] @ W^T (+ bias) -> [M, N]",
+  m.def("linear_a8", &linear_a8, "W8A8 (dynamic int8 x per token and group): x [M, K] @ W^T (+ bias) -> [M, N]",
         py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("codes"), py::arg("sw"), py::arg("wsum"),
-        py::arg("n"), py::arg("perm"), py::arg("bias"), py::arg("isa") = "");
-  m.def("quantize_activations", &quantize_activations, "x [M, K] -> (int8 [M, K], fp32 scale [M])", py::arg("x"),
-        py::arg("perm"));
+        py::arg("group"), py::arg("n"), py::arg("perm"), py::arg("bias"), py::arg("isa") = "");
+  m.def("quantize_activations", &quantize_activations, "x [M, K] -> (int8 [M, K], fp32 scale [M, G])", py::arg("x"),
+        py::arg("perm"), py::arg("group") = 0);
 }
