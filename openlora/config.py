@@ -233,8 +233,19 @@ class EngineConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
     num_threads: int | None = None
     seed: int = 0
-    quantization: str | None = None  # base projections kept quantized: "w8a16" | "w4a16" | "w8a8" | "gguf"
-    source: str | None = None  # the GGUF file the model came from ("gguf" quantization reads its codes)
+    # Base projections kept quantized (openlora.model.quant_linear, openlora.model.stored_quant):
+    #   "w8a16" | "w4a16" | "w8a8"  quantized at load from a float checkpoint
+    #   "gguf"                      a GGUF file's own Q8_0 / Q4_0 / Q4_1 codes
+    #   "checkpoint"                a GPTQ / AWQ / compressed-tensors folder's own codes; chosen at start-up
+    #                               whenever the model folder declares a quantization_config (LLM / serve
+    #                               with quantization unset), so users rarely name it
+    quantization: str | None = None
+    source: str | None = None  # "gguf": the GGUF file; "checkpoint": the quantized folder (their codes)
+    # The original float model's norm weights (its folder, or one safetensors file): on a checkpoint that
+    # folded activation scales into its RMSNorm weights (AWQ, SmoothQuant), LoRA inputs at q/k/v and
+    # gate/up are corrected from them exactly (openlora.model.folded_norms); without them adapters on
+    # folded sites are refused.
+    original_norms: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -243,11 +254,16 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.quantization == "gguf" and self.source is None:
             raise ValueError("quantization 'gguf' keeps a GGUF file's own codes: the model must be a .gguf file")
+        if self.quantization == "checkpoint" and self.source is None:
+            raise ValueError("quantization 'checkpoint' serves a quantized folder's own codes: give its path as source")
+        if self.original_norms is not None and self.quantization != "checkpoint":
+            raise ValueError("original_norms corrects LoRA inputs on a quantized checkpoint with folded scales "
+                             "(AWQ, SmoothQuant); this model is not one")
         _check(self, num_threads=1, seed=0)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("w8a16", "w4a16", "w8a8", "gguf")  # openlora.model.quant_linear
+QUANTIZATIONS = ("w8a16", "w4a16", "w8a8", "gguf", "checkpoint")  # EngineConfig.quantization
 
 
 def _check(cfg: object, **minimum: int) -> None:

@@ -28,11 +28,14 @@ def build_engine_config(model: str | None = None, *, dtype: str = EngineConfig.d
                         max_adapter_bytes: int = LoRAConfig.max_adapter_bytes,
                         num_threads: int | None = None, max_waiting: int = SchedulerConfig.max_waiting,
                         seed: int = EngineConfig.seed, kernels: KernelConfig | str | None = None,
-                        quantization: str | None = None) -> EngineConfig:
+                        quantization: str | None = None, original_norms: str | None = None) -> EngineConfig:
     """Engine options -> EngineConfig (the defaults are the config dataclasses', which also validate).
     No model means the built-in demo model (SmolLM2-135M-Instruct). `kernels` forces kernel choices:
     a KernelConfig or its text form ('lora=torch,layer_loop=python'); None: all auto. `quantization`
-    keeps the base projections quantized ("w8a16", "w4a16", "w8a8": openlora.model.quant_linear)."""
+    keeps the base projections quantized ("w8a16", "w4a16", "w8a8": openlora.model.quant_linear); a GGUF file
+    ("gguf") or a GPTQ / AWQ / compressed-tensors folder ("checkpoint", the default for such a folder) is
+    served from its own codes. `original_norms`: the original model's folder or safetensors file, whose norm
+    weights correct LoRA inputs on a checkpoint with folded scales (AWQ, SmoothQuant)."""
     import torch
 
     if model is None:
@@ -42,8 +45,10 @@ def build_engine_config(model: str | None = None, *, dtype: str = EngineConfig.d
         model = str(demo_gguf()) if quantization == "gguf" else str(ensure_demo_model())
     path = _resolve_model_path(model)
     from openlora.model.gguf import is_gguf
+    from openlora.model.stored_quant import resolve_quantization
 
-    source = str(Path(model).resolve()) if is_gguf(model) else None
+    gguf_file = str(Path(model).resolve()) if is_gguf(model) else None
+    quantization, source = resolve_quantization(quantization, path, gguf_file)
     mc = ModelConfig.from_pretrained(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     mml = min(max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -53,7 +58,7 @@ def build_engine_config(model: str | None = None, *, dtype: str = EngineConfig.d
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, mml, max_waiting),
         lora=LoRAConfig(max_loras, max_cpu_loras, max_lora_rank, lora_pool_rows, max_adapter_bytes),
         kernels=KernelConfig.parse(kernels) if isinstance(kernels, str) else (kernels or KernelConfig()),
-        num_threads=num_threads, seed=seed, quantization=quantization, source=source,
+        num_threads=num_threads, seed=seed, quantization=quantization, source=source, original_norms=original_norms,
     )
 
 

@@ -87,6 +87,8 @@ class DeviceSlots:
         if adapter.dora and self.pool.base is None:
             raise AdapterLoadError(f"adapter {adapter.adapter_id!r} is DoRA, which needs the served model's "
                                    f"weights: this engine has none to give")
+        if self.pool.input_fix is not None:  # a base with folded activation scales (AWQ, SmoothQuant)
+            self.pool.input_fix.check(adapter)
         return self.pool.pack(adapter)
 
     def _free_extras(self, e: AdapterEntry) -> None:

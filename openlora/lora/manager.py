@@ -88,6 +88,11 @@ class LoRAManager:
         """The served model's projections (openlora.lora.dora.BaseProjections): DoRA adapters need them."""
         self.slots.pool.base = base
 
+    def use_input_fix(self, fix) -> None:
+        """The served base's LoRA input corrections and refused sites (openlora.lora.input_fix.InputFix), or
+        None: a base that folded activation scales into its norms (AWQ, SmoothQuant)."""
+        self.slots.pool.input_fix = fix
+
     def on_load_done(self, fn: Callable[[], None]) -> None:
         """Call `fn` (on a loader thread, without the lock) whenever a background load ends."""
         self.host_cache.on_done = fn

@@ -21,6 +21,7 @@ import torch
 
 from openlora.config import LORA_SITES, ModelShape
 from openlora.lora.heads import EndWeights, plan_ends
+from openlora.lora.input_fix import InputFix
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,12 @@ class PackedAdapter:
 
 
 @torch.no_grad()
-def pack(adapter, shape: ModelShape, dtype: torch.dtype, pin: bool = False) -> PackedAdapter:
+def pack(adapter, shape: ModelShape, dtype: torch.dtype, pin: bool = False,
+         input_fix: InputFix | None = None) -> PackedAdapter:
     """Lay out an adapter (openlora.lora.adapter.LoRAAdapter) as the pool stores it. Layers where the
     adapter has a smaller rank (rank_pattern) or no module get zero rows, so their contribution is
-    exactly zero. `pin` page-locks the tensors (CUDA: async host->device copies)."""
+    exactly zero. `pin` page-locks the tensors (CUDA: async host->device copies). `input_fix` scales A's
+    columns where the served base folded activation scales into its norms (openlora.lora.input_fix)."""
     sites: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     magnitude: dict[str, torch.Tensor] = {}
     L = shape.num_layers
@@ -83,6 +86,8 @@ def pack(adapter, shape: ModelShape, dtype: torch.dtype, pin: bool = False) -> P
                 if site not in magnitude:
                     magnitude[site] = torch.full((L, fout), float("nan"))
                 magnitude[site][layer] = m.magnitude.float()
+        if input_fix is not None:
+            a = input_fix.apply(site, a)
         a, bt = a.to(dtype), bt.to(dtype)
         if pin:
             a, bt = a.pin_memory(), bt.pin_memory()
@@ -108,6 +113,7 @@ class LoRAPool:
         self._dora_cap = 1  # entries, the identity entry 0 included
         self._dora_free: list[int] = []
         self.base = None  # openlora.lora.dora.BaseProjections of the served model (set by the runner)
+        self.input_fix: InputFix | None = None  # a base with folded activation scales (set by the runner)
 
     def _ensure_site(self, site: str) -> None:
         if site in self.a:
@@ -125,7 +131,7 @@ class LoRAPool:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.bt.values()))
 
     def pack(self, adapter) -> PackedAdapter:
-        return pack(adapter, self.shape, self.dtype, pin=self.device.type == "cuda")
+        return pack(adapter, self.shape, self.dtype, pin=self.device.type == "cuda", input_fix=self.input_fix)
 
     @torch.no_grad()
     def load(self, adapter) -> dict[str, list[int]]:

@@ -16,7 +16,9 @@ from openlora.lora.heads import embed_rows
 from openlora.model.attention import paged_attention
 from openlora.model.linear import Linear
 from openlora.model.loader import CheckpointReader
+from openlora.model.quant_linear import QuantLinear, quantize_for
 from openlora.model.rope import inv_frequencies
+from openlora.model.stored_quant import StoredWeights
 from openlora.worker.forward_context import ForwardContext, LoRAContext
 
 
@@ -158,23 +160,16 @@ class LlamaModel(nn.Module):
         bind_kv_cache builds it again."""
         self.stack, self._stack_kv = None, None
         self.quantization = quantization
-        g = reader.get
+        dev = self.embed.device
+        # "gguf" / "checkpoint": the source's own codes, no re-quantization (openlora.model.stored_quant)
+        stored = StoredWeights.open(quantization, source, reader, dev)
+        g = stored.get if stored is not None else reader.get
 
-        native = None
-        if quantization == "gguf":  # the file's own Q8_0 / Q4_0 / Q4_1 codes, no re-quantization
-            from openlora.quant.formats import load_quant_weights
-
-            native = load_quant_weights(source)[0]
-
-        def proj(w: torch.Tensor, bias: torch.Tensor | None, names: list[str] | None = None):
-            """A base projection (`names`: its checkpoint tensors, fused in this order), quantized if asked."""
-            from openlora.model.quant_linear import QuantLinear, cat_rows, mode_for, quantize_for
-
-            if native is not None:
-                qws = [native.get(n) for n in names or ()]
-                if qws and all(q is not None for q in qws) and (qw := cat_rows(qws)) is not None:
-                    return QuantLinear(qw, bias, mode_for(qw))
-                return Linear(w, bias, backend)  # float in the file, or parts that do not fuse
+        def proj(names: list[str], bias: torch.Tensor | None):
+            """The base projection of checkpoint weights `names` (fused in this order), quantized if asked."""
+            if stored is not None:
+                return stored.projection(names, bias, backend)
+            w = torch.cat([g(n) for n in names]).to(dev)
             if quantization is None:
                 return Linear(w, bias, backend)
             return QuantLinear(quantize_for(quantization, w.float()), bias, quantization)
@@ -187,15 +182,12 @@ class LlamaModel(nn.Module):
             p = f"model.layers.{i}."
             layer.input_norm.copy_(g(p + "input_layernorm.weight"))
             layer.post_norm.copy_(g(p + "post_attention_layernorm.weight"))
-            dev = self.embed.device
             bias = (torch.cat([g(p + f"self_attn.{n}_proj.bias") for n in "qkv"]).to(dev)
                     if self.cfg.attention_bias else None)
-            qkv = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
-            gate_up = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
-            layer.qkv = proj(torch.cat([g(n) for n in qkv]).to(dev), bias, qkv)
-            layer.o = proj(g(p + "self_attn.o_proj.weight").to(dev), None, [p + "self_attn.o_proj.weight"])
-            layer.gate_up = proj(torch.cat([g(n) for n in gate_up]).to(dev), None, gate_up)
-            layer.down = proj(g(p + "mlp.down_proj.weight").to(dev), None, [p + "mlp.down_proj.weight"])
+            layer.qkv = proj([p + f"self_attn.{n}_proj.weight" for n in "qkv"], bias)
+            layer.o = proj([p + "self_attn.o_proj.weight"], None)
+            layer.gate_up = proj([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], None)
+            layer.down = proj([p + "mlp.down_proj.weight"], None)
         self.lm_head_proj = Linear(self.lm_head.detach(), None, backend)
 
 

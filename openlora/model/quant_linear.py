@@ -15,6 +15,8 @@ The float weights are quantized once at load and only the packed codes stay resi
            calibrated) 96.0% / 0.011; these groups, with no calibration, 97.4% / 0.0051.
     gguf   a GGUF file's own Q8_0 / Q4_0 / Q4_1 codes (openlora.quant.formats), served as they are by the
            w8a16 / w4a16 kernels: no dequantize and re-quantize round trip (other tensor types stay float)
+    checkpoint  a GPTQ / AWQ / compressed-tensors folder's own codes (openlora.model.stored_quant), each
+           projection in the mode its layout fits (mode_for; compressed-tensors int8 activations: w8a8)
 LoRA stays exact on top: the adapters' deltas are computed by SGMV from the unquantized activation, as
 on a float base, so only the base projection carries the quantization error.
 """
@@ -75,17 +77,26 @@ def _group(k: int, sizes: tuple[int, ...]) -> int:
 
 
 class QuantLinear:
-    """y = x @ W^T + b for x [T, in] with W kept quantized; the interface of openlora.model.linear.Linear."""
+    """y = x @ W^T + b for x [T, in] with W kept quantized; the interface of openlora.model.linear.Linear.
+    CPU weights run the C++ kernels (openlora.kernels.quant_gemm), CUDA weights the Triton ones
+    (openlora.kernels.triton_quant), with the same semantics."""
 
     def __init__(self, qw: QuantWeight, bias: torch.Tensor | None, mode: str) -> None:
         self.out_features, self.in_features = qw.shape
         self.bias = bias
-        self.backend = f"quant-{mode}"
         # ||W_o||^2 of the served (dequantized) weights: DoRA's norm must see what is served.
         self.row_sq = qw.dequantize().pow(2).sum(1)
-        self.weight = packed = quant_gemm.pack(qw, mode)
+        if qw.q.is_cuda:
+            from openlora.kernels import triton_quant
+
+            self.backend = f"triton-{mode}"
+            self.weight = packed = triton_quant.pack(qw, mode, qw.q.device)
+            self._fn = lambda x: triton_quant.linear(x, packed, bias)
+        else:
+            self.backend = f"quant-{mode}"
+            self.weight = packed = quant_gemm.pack(qw, mode)
+            self._fn = lambda x: quant_gemm.linear(x, packed, bias)
         self.nbytes = packed.nbytes
-        self._fn = lambda x: quant_gemm.linear(x, packed, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x)

@@ -12,6 +12,7 @@ from openlora.core.scheduler import ScheduledRequest, SchedulerOutput
 from openlora.kernels.select import KernelPlan, select_kernels
 from openlora.lora.heads import head_logits
 from openlora.model.attention import causal_mask
+from openlora.model.folded_norms import lora_input_fix
 from openlora.model.llama import LlamaModel, load_model
 from openlora.model.projections import ServedProjections
 from openlora.model.rope import rope_cos_sin
@@ -76,8 +77,11 @@ class ModelRunner:
         self.sampler = Sampler(argmax=self.plan.ops.argmax)
         self.generators: dict[str, torch.Generator] = {}
         self.lora = lora  # openlora.lora.manager.LoRAManager or None
+        # A checkpoint with folded activation scales (AWQ, SmoothQuant): LoRA inputs corrected or refused
+        input_fix = lora_input_fix(config)
         if lora is not None:  # DoRA's row scales are computed against the served projections
             lora.use_base(ServedProjections(self.model))
+            lora.use_input_fix(input_fix)
         # Tests set this to a list to receive (request_id, fp32 logits [vocab]) of every sampled row.
         self.capture_logits: list[tuple[str, torch.Tensor]] | None = None
         # Tests and accuracy checks: (request id, fp32 [rows, vocab]) of every prompt-logprob chunk.

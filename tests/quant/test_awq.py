@@ -12,23 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from quant_writers import pack_awq
 from safetensors.torch import save_file
 
 from openlora.errors import ModelLoadError
 from openlora.quant.formats import detect, load_quant_weights
 
-ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 LIN = "model.layers.0.self_attn.q_proj"
-
-
-def pack_awq(vals: np.ndarray) -> np.ndarray:
-    """[R, C] values 0..15 -> int32 [R, C / 8]: nibble i of word j = column 8j + ORDER[i]."""
-    r, c = vals.shape
-    v = vals.astype(np.uint32).reshape(r, c // 8, 8)
-    out = np.zeros((r, c // 8), np.uint32)
-    for i, col in enumerate(ORDER):
-        out |= v[:, :, col] << np.uint32(4 * i)
-    return out.view(np.int32)
 
 
 def make_linear(rng: np.random.Generator, n: int, k: int, group: int) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from quant_writers import pack_int32
 from safetensors.torch import save_file
 
 from openlora.errors import ModelLoadError
@@ -41,14 +42,7 @@ def write(folder: Path, tensors: dict, qcfg: dict) -> Path:
 
 def pack_k(u: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned [R, K] -> int32 [R, ceil(K * bits / 32)], sequential along K (zero padded)."""
-    per = 32 // bits
-    r, k = u.shape
-    padded = np.zeros((r, -(-k // per) * per), np.uint32)
-    padded[:, :k] = u
-    out = np.zeros((r, padded.shape[1] // per), np.uint32)
-    for i in range(per):
-        out |= padded[:, i::per] << np.uint32(bits * i)
-    return out.view(np.int32)
+    return pack_int32(u, bits, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

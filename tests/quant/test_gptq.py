@@ -13,22 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from quant_writers import pack_int32 as pack
 from safetensors.torch import save_file
 
 from openlora.errors import ModelLoadError
 from openlora.quant.formats import detect, load_quant_weights
 
 LIN = "model.layers.0.mlp.up_proj"
-
-
-def pack(vals: np.ndarray, bits: int, axis: int) -> np.ndarray:
-    """Unsigned values -> int32 words, `32 / bits` consecutive values along `axis` per word, value i at bits*i."""
-    per = 32 // bits
-    v = np.moveaxis(vals.astype(np.uint32), axis, 0)
-    out = np.zeros((v.shape[0] // per, *v.shape[1:]), np.uint32)
-    for i in range(per):
-        out |= v[i::per] << np.uint32(bits * i)
-    return np.ascontiguousarray(np.moveaxis(out, 0, axis)).view(np.int32)
 
 
 def make_linear(rng: np.random.Generator, n: int, k: int, bits: int, group: int, act_order: bool) -> dict:
