@@ -208,6 +208,13 @@ class AttributionService:
             # Off the lock: matching is the slow part, and it reads nothing the lock guards.
             outcome = self.spans.attribute([a.adapter_id for a in event.adapters], manifests,
                                            [list(t) for t in event.output_token_ids])
+        return self.commit(event, manifests, outcome), outcome
+
+    def commit(self, event: UsageEvent, manifests: list[Manifest], outcome: Any = None) -> Receipt:
+        """Sign the receipt of `event` priced by `manifests` (one per adapter, as `record_attributed`
+        chose them) and the span outcome, chain it and commit it; idempotent on request_id (a request
+        already recorded returns its stored receipt). The one step that must run where the ledger and
+        the key are: openlora.scale sends it to the process that owns them."""
         with self._lock:
             hit = self._inflight.get(event.request_id)
             if hit is not None:
@@ -215,7 +222,7 @@ class AttributionService:
             else:
                 existing = self.ledger.get_by_request_id(event.request_id)
                 if existing is not None:
-                    return existing, None
+                    return existing
                 receipt = build_receipt(
                     event, seq=self._seq + 1, node=self.identity.address, operator=self.operator,
                     manifests=manifests, base_manifest=self._base_manifest, prev_hash=self._head,
@@ -230,7 +237,7 @@ class AttributionService:
                 self._queue.append((ticket, receipt))
                 self._inflight[event.request_id] = (ticket, receipt)
         self._flush(ticket)
-        return receipt, outcome
+        return receipt
 
     def _flush(self, ticket: int) -> None:
         """Make sure `ticket` is committed: commit the whole queue if nobody has yet."""

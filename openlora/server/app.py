@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -37,7 +39,6 @@ from openlora.server.tenancy import Tenancy
 from openlora.web import mount_web
 
 log = logging.getLogger("openlora.server")
-
 
 
 @dataclass
@@ -79,8 +80,11 @@ def model_id_for(model: str | None) -> str:
     return p.stem if p.is_file() else model
 
 
-def build_state(opts: ServeOptions) -> ServerState:
-    """Load the model, register adapters (and their manifests), open the attribution ledger."""
+def build_state(opts: ServeOptions, attribution_factory: Callable[[ServeOptions, str, str], Any] | None = None
+                ) -> ServerState:
+    """Load the model, register adapters (and their manifests), open the attribution ledger.
+    `attribution_factory(opts, model id, base model hash)` builds the AttributionService (default: this
+    process owns the key and the ledger; openlora.scale's replicas pass one that commits elsewhere)."""
     from openlora.engine.llm_engine import LLMEngine
     from openlora.llm import build_engine_config
     from openlora.lora.manager import LoRAManager
@@ -120,7 +124,7 @@ def build_state(opts: ServeOptions) -> ServerState:
     if limits.quota is not None:  # each request's real cost, failed and aborted ones included
         engine.usage_listeners.append(lambda ev: limits.charge(ev.tenant, ev.prompt_tokens + ev.completion_tokens))
     if opts.attribution:
-        state.attribution = _open_attribution(opts, model_id, engine.base_model_hash)
+        state.attribution = (attribution_factory or open_attribution)(opts, model_id, engine.base_model_hash)
         from openlora.attribution.span_service import SpanAttributor
         from openlora.config import cache_dir
 
@@ -204,7 +208,8 @@ def declared_hardware() -> dict:
             "memory_mb": hw["accelerator_memory_mb"], "count": hw["accelerator_count"], "cpu_cores": hw["cpu_cores"]}
 
 
-def _open_attribution(opts: ServeOptions, model_id: str, base_hash: str):
+def open_attribution(opts: ServeOptions, model_id: str, base_hash: str) -> Any:
+    """The AttributionService this process owns: the node key (keystore or ephemeral) and the ledger."""
     from openlora.attribution import AttributionService, NodeIdentity
     from openlora.attribution.identity import PASSWORD_ENV
     from openlora.config import cache_dir, env

@@ -70,7 +70,11 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="keep the base projections quantized: int8 weights (w8a16), int4 groups (w4a16), int8 "
                         "weights and activations (w8a8), or a GGUF file's own Q8_0/Q4_0/Q4_1 codes (gguf); "
-                        "adapters stay exact on top")
+                        "adapters stay exact on top; a GPTQ / AWQ / compressed-tensors folder is served from its own "
+                        "codes (checkpoint) without asking")
+    p.add_argument("--original-norms", default=None, metavar="PATH",
+                   help="the original float model's folder (or a safetensors file with its norm weights): corrects "
+                        "LoRA inputs on an AWQ / SmoothQuant checkpoint whose scales were folded into its norms")
     p.add_argument("--max-loras", type=int, default=LoRAConfig.max_loras,
                    help="adapters resident on the device at once")
     p.add_argument("--max-cpu-loras", type=int, default=LoRAConfig.max_cpu_loras, help="adapters cached in host memory")
@@ -129,6 +133,14 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    "(default http://HOST:PORT)")
     p.add_argument("--grace-period", type=float, default=30.0,
                    help="seconds in-flight requests may run after SIGTERM before they are aborted")
+    p.add_argument("--ray-replicas", type=int, default=None, metavar="N",
+                   help="scale out on Ray Serve: N replicas, each running an engine; requests for an adapter go to "
+                        "the replica that holds it (needs the extra: pip install 'openlora[ray]'; see README)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --ray-replicas: join this Ray cluster (e.g. auto, or HEAD_IP:6379) instead of "
+                        "starting a one-machine cluster on 127.0.0.1")
+    p.add_argument("--ray-gpus-per-replica", type=float, default=0.0, metavar="G",
+                   help="with --ray-replicas: GPUs each replica reserves (0: CPU replicas)")
     p.set_defaults(func=run_serve)
 
 
@@ -155,12 +167,10 @@ def no_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def serve_options(args: argparse.Namespace):
+    """The ServeOptions of parsed `serve` arguments."""
+    from openlora.server.app import ServeOptions
 
-    from openlora.server.app import ServeOptions, build_state, create_app
-
-    no_core_dumps()
     keys = {}
     for k in args.api_key:
         kid, sep, key = k.partition("=")
@@ -174,7 +184,7 @@ def run_serve(args: argparse.Namespace) -> int:
                     kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                     scrub_freed_memory=not args.no_scrub,
                     num_threads=args.num_threads, max_waiting=args.max_waiting, kernels=args.kernels,
-                    quantization=args.quantization),
+                    quantization=args.quantization, original_norms=args.original_norms),
         max_waiting=args.max_waiting, api_keys=keys, admin_key=args.admin_key,
         share_groups={kid: name for name, ids in args.share_prefix_cache for kid in ids},
         adapter_roots=args.adapter_root, adapter_kinds=tuple(k.strip() for k in args.adapter_sources.split(",")),
@@ -183,6 +193,21 @@ def run_serve(args: argparse.Namespace) -> int:
         attribution=not args.no_attribution, ledger=args.ledger, node_key=args.node_key,
         grace_period=args.grace_period, chain=args.chain, epoch_seconds=args.epoch_seconds, region=args.region,
         location=args.location, public_url=args.public_url or f"http://{args.host}:{args.port}")
+    return opts
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from openlora.server.app import build_state, create_app
+
+    no_core_dumps()
+    opts = serve_options(args)
+    if args.ray_replicas is not None:  # the same options, served by N replicas on Ray Serve
+        from openlora.scale.deploy import run_on_ray
+
+        return run_on_ray(opts, args)
+    keys = opts.api_keys
     from openlora.chain.anvil import ChainError
     from openlora.errors import OpenLoRAError
 
