@@ -69,6 +69,14 @@ def _complete(c: httpx.Client, model: str, receipts: dict, **kw) -> httpx.Respon
 
 def test_adapter_requests_go_to_the_replica_that_holds_it(cluster):
     c, seen = cluster["client"], {}
+    # First request per adapter: a replica takes it and reports the id to Serve's controller, which tells
+    # the router a moment later. Requests in that window may go to either replica (and load it there
+    # too), so the warm-up waits for the report before the next adapter; affinity is checked after it.
+    for a in ADAPTERS:
+        r = _complete(c, a, cluster["receipts"])
+        assert r.status_code == 200, r.text
+        seen[a] = {r.headers[REPLICA]}
+        time.sleep(2.0)
     for _ in range(4):
         for a in ADAPTERS:
             r = _complete(c, a, cluster["receipts"])
