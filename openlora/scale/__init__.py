@@ -11,7 +11,9 @@ client -> Serve HTTP proxy -> Ingress (ingress.py): reads `model`, sets it as th
           requests to the replica whose LoRA manager holds it
                                   | finished request: UsageEvent + manifests (+ span outcome)
                                   v
-          LedgerOwner (owner.py): the one process holding the node key and writing the SQLite ledger
+          LedgerOwner (owner.py): the one process holding the node key and writing the SQLite ledger;
+          with --chain also the node on chain: registration, Settler, payer reservations
+          (replicas reach these through remote_attribution.py and remote_chain.py)
 ```
 
 Ray is an optional extra (`pip install 'openlora[ray]'`): nothing here imports it at module level

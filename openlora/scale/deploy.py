@@ -1,6 +1,10 @@
 """Start the Ray Serve application (used by `openlora serve --ray-replicas`, the tests and the bench).
 
-Placement (NOTE): the LedgerOwner runs on the driver's node (the ledger file and keystore are there);
+With `--chain` the LedgerOwner joins the chain before any replica starts (one node, one key, the
+endpoint --public-url: the Serve HTTP address clients reach), so a chain that cannot be joined stops
+`openlora serve` with one line, as on a single node.
+
+Placement (NOTE): the LedgerOwner runs on the driver's node (the ledger file, keystore and deployment file are there);
 replicas and the ingress go wherever Ray has room. On a CPU-only machine every actor asks for 0 CPUs:
 Ray's default of one CPU each leaves no room for two replicas next to the controller and proxy on two
 cores, and each engine sizes its own threads (--num-threads).
@@ -9,11 +13,13 @@ cores, and each engine sizes its own threads (--num-threads).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from openlora.scale import require_ray
@@ -81,6 +87,8 @@ def deploy(opts: Any, replicas: int, host: str, port: int, gpus_per_replica: flo
     from openlora.server.app import model_id_for
 
     model_id = model_id_for(opts.model)
+    if opts.chain:  # the owner and the replicas open it by path, from whatever folder Ray starts them in
+        opts = dataclasses.replace(opts, chain=str(Path(opts.chain).resolve()))
     owner = node = None
     if opts.attribution:
         from openlora.scale.remote_attribution import owner_call
@@ -123,8 +131,6 @@ def run_on_ray(opts: Any, args: argparse.Namespace) -> int:
         require_ray()
         if args.ray_replicas < 1:
             raise OpenLoRAError("--ray-replicas must be at least 1")
-        if opts.chain:
-            raise OpenLoRAError("--chain is not supported with --ray-replicas yet: serve the chain node on one machine")
     except OpenLoRAError as e:
         log.error("cannot serve: %s", e)
         return 2

@@ -1,5 +1,8 @@
 """EngineReplica: one Ray Serve replica = the single-node app (openlora.server.app) and its engine.
 
+In chain mode the payment gate, chain routes and explorer use proxies of the LedgerOwner's Settler and
+Payments (remote_chain.py): the application is one node on chain.
+
 Each request arrives from the ingress as a packed dict (relay.py) and runs through the same FastAPI app
 `openlora serve` runs, so routes, streaming, errors, receipts and metrics are the single node's. The
 response start gets `x-openlora-replica: <Serve replica id>`, which names the replica that answered.
@@ -48,7 +51,13 @@ class EngineReplica:
 
             return RemoteAttribution(owner, node, model_id)
 
-        self.state = build_state(opts, attribution_factory=remote_attribution if opts.attribution else None)
+        def remote_chain(state: Any, o: Any, adapters: list) -> None:
+            from openlora.scale.remote_chain import join_remote_chain
+
+            join_remote_chain(owner, state, o, adapters)
+
+        self.state = build_state(opts, attribution_factory=remote_attribution if opts.attribution else None,
+                                 chain_joiner=remote_chain)
         self.app = create_app(self.state)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._header = [(REPLICA_HEADER.encode(), self.replica_id.encode())]

@@ -80,31 +80,25 @@ def model_id_for(model: str | None) -> str:
     return p.stem if p.is_file() else model
 
 
-def build_state(opts: ServeOptions, attribution_factory: Callable[[ServeOptions, str, str], Any] | None = None
+def build_state(opts: ServeOptions, attribution_factory: Callable[[ServeOptions, str, str], Any] | None = None,
+                chain_joiner: Callable[[ServerState, ServeOptions, list[tuple[str, str]]], None] | None = None
                 ) -> ServerState:
     """Load the model, register adapters (and their manifests), open the attribution ledger.
     `attribution_factory(opts, model id, base model hash)` builds the AttributionService (default: this
-    process owns the key and the ledger; openlora.scale's replicas pass one that commits elsewhere)."""
+    process owns the key and the ledger; openlora.scale's replicas pass one that commits elsewhere);
+    `chain_joiner(state, opts, adapters)` wires chain mode (default `_join_chain`; replicas pass proxies)."""
     from openlora.engine.llm_engine import LLMEngine
     from openlora.llm import build_engine_config
     from openlora.lora.manager import LoRAManager
 
     limits = TenantLimits(**opts.limits)  # bad options fail here, before the model loads
-    adapters = list(opts.adapters)
+    adapters = served_adapters(opts)
     model = opts.model
     if model is None:
-        from openlora.demo import DEMO_MODEL_ID, demo_adapters, ensure_demo_model
+        from openlora.demo import ensure_demo_model
 
         model = str(ensure_demo_model())
-        adapters = [(n, str(p)) for n, p in demo_adapters().items()] + adapters
-        model_id = DEMO_MODEL_ID
-    else:
-        model_id = model_id_for(model)
-    for d in opts.adapter_dirs:  # the same scan as LoRAManager.register_dir: nested org/name folders too
-        found = scan_adapter_dir(d)
-        if not found:
-            log.warning("--adapter-dir %s holds no adapter (no folder with adapter_config.json)", d)
-        adapters += [(name, str(p)) for name, p in found.items()]
+    model_id = model_id_for(opts.model)
 
     config = build_engine_config(model, **opts.engine)
     # The model and the adapter pool are built on the engine thread (see AsyncEngine.build).
@@ -135,7 +129,7 @@ def build_state(opts: ServeOptions, attribution_factory: Callable[[ServeOptions,
         state.declared["price"] = {"per_1k_prompt_tokens": base.price_per_1k_prompt_tokens,
                                    "per_1k_completion_tokens": base.price_per_1k_completion_tokens}
         if opts.chain:
-            _join_chain(state, opts, adapters)
+            (chain_joiner or _join_chain)(state, opts, adapters)
     state.declared.update(region=opts.region, location=list(opts.location) if opts.location else None,
                           hardware=declared_hardware())
     for name, source in adapters:
@@ -148,20 +142,44 @@ def build_state(opts: ServeOptions, attribution_factory: Callable[[ServeOptions,
     return state
 
 
+def served_adapters(opts: ServeOptions) -> list[tuple[str, str]]:
+    """(name, source) of every adapter registered at start: the demo's (no --model), --adapter, and
+    each --adapter-dir's folders."""
+    adapters = list(opts.adapters)
+    if opts.model is None:
+        from openlora.demo import demo_adapters
+
+        adapters = [(n, str(p)) for n, p in demo_adapters().items()] + adapters
+    for d in opts.adapter_dirs:  # the same scan as LoRAManager.register_dir: nested org/name folders too
+        found = scan_adapter_dir(d)
+        if not found:
+            log.warning("--adapter-dir %s holds no adapter (no folder with adapter_config.json)", d)
+        adapters += [(name, str(p)) for name, p in found.items()]
+    return adapters
+
+
 def _join_chain(state: ServerState, opts: ServeOptions, adapters: list[tuple[str, str]]) -> None:
-    """Chain mode: register or update the node on chain, register the demo adapters on a local
-    chain, check every adapter's manifest against the registry from now on, start settling."""
+    """Chain mode: join (`join_chain`), then let the routes gate payments and show settlements."""
+    state.settler, state.payments = join_chain(state.attribution, opts, state.model_id, adapters)
+    state.receipts.on_recorded.append(state.payments.release)
+    state.chain_deployment = opts.chain
+
+
+def join_chain(att: Any, opts: ServeOptions, model_id: str, adapters: list[tuple[str, str]]) -> tuple[Any, Any]:
+    """Register or update the node on chain, register the demo adapters on a local chain, check
+    every adapter's manifest against the registry from now on, start settling. `att` owns the node
+    key and the ledger. Returns (Settler, Payments); raises ChainError when the chain is unreachable."""
     from web3.exceptions import Web3Exception
 
     from openlora.chain.anvil import ChainError
 
     try:
-        _join(state, opts, adapters)
+        return _join(att, opts, model_id, adapters)
     except (OSError, Web3Exception) as e:  # unreachable RPC, or no contracts at those addresses
         raise ChainError(f"cannot join the chain in {opts.chain}: {type(e).__name__}: {e}") from None
 
 
-def _join(state: ServerState, opts: ServeOptions, adapters: list[tuple[str, str]]) -> None:
+def _join(att: Any, opts: ServeOptions, model_id: str, adapters: list[tuple[str, str]]) -> tuple[Any, Any]:
     from openlora.attribution.manifest import load_manifest
     from openlora.chain.client import Chain, Deployment
     from openlora.chain.payments import Payments
@@ -174,7 +192,6 @@ def _join(state: ServerState, opts: ServeOptions, adapters: list[tuple[str, str]
     )
     from openlora.chain.settler import Settler
 
-    att = state.attribution
     dep = Deployment.load(opts.chain)
     chain = Chain(dep, att.identity._account)
     if att.chain_id != dep.chain_id:  # receipts carry the chain id in their EIP-712 domain
@@ -182,7 +199,7 @@ def _join(state: ServerState, opts: ServeOptions, adapters: list[tuple[str, str]
     base = att.manifest_for_base()
     lat, lon = opts.location or (None, None)
     profile = NodeProfile(endpoint=opts.public_url, region=opts.region, lat=lat, lon=lon,
-                          models=(att.base_model_hash or state.model_id,),
+                          models=(att.base_model_hash or model_id,),
                           price_prompt=base.price_per_1k_prompt_tokens,
                           price_completion=base.price_per_1k_completion_tokens, **detect_hardware())
     log.info("chain %d: node %s %s", dep.chain_id, chain.address, ensure_node(chain, profile))
@@ -192,11 +209,10 @@ def _join(state: ServerState, opts: ServeOptions, adapters: list[tuple[str, str]
         if done:
             log.info("chain %d: registered demo adapters %s", dep.chain_id, ", ".join(done))
     att.manifest_check = lambda name, m: check_adapter(chain, name, m)
-    state.settler = Settler(chain, att.ledger, att.epochs)
-    state.payments = Payments(chain, state.settler, att)
-    state.receipts.on_recorded.append(state.payments.release)
-    state.settler.start(opts.epoch_seconds)
-    state.chain_deployment = opts.chain
+    settler = Settler(chain, att.ledger, att.epochs)
+    payments = Payments(chain, settler, att)
+    settler.start(opts.epoch_seconds)
+    return settler, payments
 
 
 def declared_hardware() -> dict:

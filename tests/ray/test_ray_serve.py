@@ -19,7 +19,8 @@ serve = pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra:
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 import httpx  # noqa: E402
-from helpers import free_port, make_peft_adapter, write_manifest  # noqa: E402
+from helpers import free_port, write_manifest  # noqa: E402
+from ray_app import ENGINE, ray_app, tiny_model_with_adapters  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -30,34 +31,18 @@ REPLICA = "x-openlora-replica"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from tiny_models import make_tiny_model
-
-    from openlora.scale.deploy import deploy, start_ray, stop
     from openlora.server.app import ServeOptions
 
     root = tmp_path_factory.mktemp("ray")
-    model = root / "tiny"
-    model.mkdir()
-    make_tiny_model(model, max_position_embeddings=2048)
-    for i, name in enumerate(ADAPTERS):
-        make_peft_adapter(model, root / "adapters" / name, seed=10 + i)
+    model = tiny_model_with_adapters(root, ADAPTERS, seed=10)
     write_manifest(root / "adapters" / "a1", "tiny")
     opts = ServeOptions(model=str(model), adapter_dirs=[str(root / "adapters")], api_keys={KEY: "alice"},
-                        engine=dict(num_threads=1, max_num_seqs=8, kv_cache_memory=16 << 20, max_loras=2,
-                                    max_cpu_loras=4, max_model_len=2048),
-                        ledger=str(root / "ledger.sqlite"), node_key=str(root / "node_key.json"), grace_period=5.0)
-    start_ray(None)
-    app = None
-    try:
-        app = deploy(opts, 2, "127.0.0.1", free_port())
+                        engine=dict(ENGINE, max_cpu_loras=4), ledger=str(root / "ledger.sqlite"),
+                        node_key=str(root / "node_key.json"), grace_period=5.0)
+    with ray_app(opts, free_port()) as app:
         client = httpx.Client(base_url=app.url, timeout=120, headers={"Authorization": f"Bearer {KEY}"})
         yield {"app": app, "client": client, "ledger": root / "ledger.sqlite", "receipts": {}}
         client.close()
-    finally:
-        if app is not None:
-            stop(app)
-        serve.shutdown()
-        ray.shutdown()
 
 
 def _complete(c: httpx.Client, model: str, receipts: dict, **kw) -> httpx.Response:
