@@ -50,9 +50,15 @@ def mode_for(qw: QuantWeight) -> str:
 
 def cat_rows(parts: list[QuantWeight]) -> QuantWeight | None:
     """Stack the output rows of several quantized weights (fused q/k/v, gate/up), or None when they do
-    not share one layout (bits, group, column order)."""
+    not share one layout (bits, group, column order). Parts with one act-order permutation fuse: q/k/v and
+    gate/up read the same input, so GPTQ's desc_act gives them the same order."""
     first = parts[0]
-    if any(p.bits != first.bits or p.group != first.group or p.perm is not None for p in parts):
+    if any(p.bits != first.bits or p.group != first.group for p in parts):
+        return None
+    if first.perm is None:
+        if any(p.perm is not None for p in parts):
+            return None
+    elif any(p.perm is None or not torch.equal(p.perm, first.perm) for p in parts):
         return None
     if len(parts) == 1:
         return first
@@ -65,7 +71,8 @@ def cat_rows(parts: list[QuantWeight]) -> QuantWeight | None:
                           for t, p in zip(ts, parts)])
 
     return QuantWeight(q=torch.cat([p.q for p in parts]), scale=torch.cat([p.scale.float() for p in parts]),
-                       zero=cat("zero", 0.0), bits=first.bits, group=first.group, min=cat("min", 0.0))
+                       zero=cat("zero", 0.0), bits=first.bits, group=first.group, min=cat("min", 0.0),
+                       perm=first.perm)
 
 
 def _group(k: int, sizes: tuple[int, ...]) -> int:

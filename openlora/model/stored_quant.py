@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -103,17 +102,6 @@ class SplitLinear:
         return torch.cat([p(x) for p in self.parts], dim=-1)  # [T, sum of the parts' out]
 
 
-def fuse(parts: list[QuantWeight]) -> QuantWeight | None:
-    """cat_rows, also across parts with one act-order permutation (q/k/v and gate/up share an input, so
-    GPTQ's desc_act gives them the same order); None when they do not share one layout."""
-    perm = parts[0].perm
-    same = all(torch.equal(p.perm, perm) for p in parts) if perm is not None else all(p.perm is None for p in parts)
-    if not same:
-        return None
-    qw = cat_rows([replace(p, perm=None) for p in parts])
-    return None if qw is None else replace(qw, perm=perm)
-
-
 class StoredWeights:
     """A quantized checkpoint's tensors by Hugging Face name: projections kept in their own codes, every
     other tensor (embeddings, norms, head, biases) as floats."""
@@ -165,7 +153,7 @@ class StoredWeights:
         for i, p in enumerate(parts):
             prev = runs[-1] if runs else None
             if prev is not None and isinstance(p, QuantWeight) == isinstance(parts[prev[0]], QuantWeight) and (
-                    not isinstance(p, QuantWeight) or fuse([parts[j] for j in prev] + [p]) is not None):
+                    not isinstance(p, QuantWeight) or cat_rows([parts[j] for j in prev] + [p]) is not None):
                 prev.append(i)
             else:
                 runs.append([i])
@@ -176,7 +164,7 @@ class StoredWeights:
             b = None if bias is None else bias[offsets[run[0]]:offsets[run[-1] + 1]]
             what = "+".join(names[j] for j in run)
             if isinstance(parts[run[0]], QuantWeight):
-                lins.append(self._quant_linear(fuse([parts[j] for j in run]), b, what))
+                lins.append(self._quant_linear(cat_rows([parts[j] for j in run]), b, what))
             else:
                 lins.append(Linear(torch.cat([parts[j] for j in run]), b, backend))
         if len(lins) == 1:
